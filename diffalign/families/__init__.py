@@ -1,0 +1,76 @@
+"""Model families: how each one noises, what it predicts, and how its denoiser is called.
+
+`get_family(name)` returns the adapter class; `load_family(model, ...)` builds an adapter from a
+hub id / local path or from an offline tiny pipeline (`tiny:sdxl`, `tiny:sd3`, `tiny:sd3-t5`).
+"""
+
+from __future__ import annotations
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_family(name: str):
+    """Class decorator: register a family adapter under `name`."""
+
+    def wrap(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"family {name!r} is already registered")
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_families() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_family(name: str) -> type:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model family {name!r}; available: {available_families()}")
+    return _REGISTRY[name]
+
+
+def family_of_pipeline(pipe) -> str:
+    """The family name for a diffusers pipeline object, from its class."""
+    cls_name = type(pipe).__name__
+    if "StableDiffusion3" in cls_name:
+        return "sd3"
+    if "StableDiffusionXL" in cls_name:
+        return "sdxl"
+    if cls_name.startswith("StableDiffusion"):
+        return "sd15"
+    raise ValueError(f"no family adapter for pipeline class {cls_name}; set `family` to one of {available_families()}")
+
+
+def load_pipeline(model: str, seed: int = 0, torch_dtype=None, revision: str | None = None, variant: str | None = None):
+    """A diffusers pipeline from `tiny:<name>` (offline, random weights) or a hub id / local path."""
+    if model.startswith("tiny:"):
+        from diffalign import testing
+
+        kind = model.split(":", 1)[1]
+        if kind == "sdxl":
+            pipe = testing.tiny_sdxl_pipeline(seed)
+        elif kind in ("sd3", "sd3-t5"):
+            pipe = testing.tiny_sd3_pipeline(seed, with_t5=kind == "sd3-t5")
+        else:
+            raise ValueError(f"unknown tiny model {model!r}; use tiny:sdxl, tiny:sd3 or tiny:sd3-t5")
+        return pipe.to(torch_dtype) if torch_dtype is not None else pipe
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"revision": revision, "variant": variant}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    return DiffusionPipeline.from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def load_family(model: str, family: str | None = None, seed: int = 0, **options):
+    """Build the family adapter for `model`; `options` go to the adapter (e.g. prediction_type)."""
+    pipe = load_pipeline(model, seed=seed)
+    name = family or family_of_pipeline(pipe)
+    return get_family(name).from_pipeline(pipe, **options)
+
+
+# Register the built-in families.
+from diffalign.families import sd3, sdxl  # noqa: E402,F401
+from diffalign.families.base import FamilyAdapter, drop_prompts, repeat_groups  # noqa: E402,F401

@@ -1,0 +1,187 @@
+"""SDXL (and SD1.5) family: DDPM noising, epsilon / v-prediction targets, micro-conditioning.
+
+Follows diffusers' `train_text_to_image_sdxl.py` and the Diffusion-DPO SDXL example:
+x_t = scheduler.add_noise(x0, noise, t); target = noise (epsilon) or scheduler.get_velocity
+(v_prediction); the UNet sees both CLIP encoders' penultimate hidden states (concatenated),
+the pooled embedding of the second encoder, and `add_time_ids` = original size + crop
+top-left + target size. SD1.5 has one encoder, its last hidden state, and no added ids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffalign.families import register_family
+from diffalign.families.base import FamilyAdapter
+
+
+def _gather(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps.long()]
+    shape = (-1,) + (1,) * (ndim - 1)
+    return a.sqrt().view(shape), (1.0 - a).sqrt().view(shape)
+
+
+def epsilon_target(x0, noise, timesteps, alphas_cumprod):
+    """DDPM noising with an epsilon target: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, target = noise."""
+    sa, s1a = _gather(alphas_cumprod, timesteps, x0.ndim)
+    x_t = (sa * x0.float() + s1a * noise.float()).to(x0.dtype)
+    weight = torch.ones(x0.shape[0], device=x0.device, dtype=torch.float32)
+    return x_t, noise, weight
+
+
+def v_prediction_target(x0, noise, timesteps, alphas_cumprod):
+    """DDPM noising with a velocity target: v = sqrt(a_t) noise - sqrt(1 - a_t) x0."""
+    sa, s1a = _gather(alphas_cumprod, timesteps, x0.ndim)
+    x_t = (sa * x0.float() + s1a * noise.float()).to(x0.dtype)
+    target = (sa * noise.float() - s1a * x0.float()).to(x0.dtype)
+    weight = torch.ones(x0.shape[0], device=x0.device, dtype=torch.float32)
+    return x_t, target, weight
+
+
+TARGETS = {"epsilon": epsilon_target, "v_prediction": v_prediction_target}
+
+
+@register_family("sdxl")
+class SDXLFamily(FamilyAdapter):
+    """Adapter for `StableDiffusionXLPipeline` components; with `text_encoder_2=None` it is SD1.5."""
+
+    name = "sdxl"
+    denoiser_attr = "unet"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    # The attention projections, as in the diffusers DPO / LoRA examples.
+    lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
+
+    def __init__(
+        self,
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        prediction_type: str | None = None,
+        **_unused,
+    ):
+        from diffusers import DDPMScheduler
+
+        self.unet, self.vae = unet, vae
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.scheduler = scheduler  # the inference scheduler, kept for validation pipelines
+        # Training noises with the DDPM forward process built from the same betas.
+        self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+        self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in TARGETS:
+            raise ValueError(f"prediction_type must be one of {sorted(TARGETS)}, got {self.prediction_type!r}")
+        self.is_xl = text_encoder_2 is not None
+        self.freeze_frozen_parts()
+        if self.is_xl and getattr(unet.config, "addition_embed_type", None) != "text_time":
+            raise ValueError("an SDXL UNet needs addition_embed_type='text_time' (micro-conditioning)")
+
+    @classmethod
+    def from_pipeline(cls, pipe, **kwargs):
+        return cls(**{k: v for k, v in pipe.components.items()}, **kwargs)
+
+    # --- text and images -----------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings")
+        if not self.is_xl:  # SD1.5: one encoder, last hidden state
+            te = self.text_encoder
+            tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+            mask = tok.attention_mask.to(te.device) if getattr(te.config, "use_attention_mask", False) else None
+            return {"prompt_embeds": te(tok.input_ids.to(te.device), attention_mask=mask)[0]}
+        embeds, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds is the pooled embedding
+                pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        if pooled is None:
+            raise ValueError("text_encoder_2 must be a CLIPTextModelWithProjection (it gives the pooled embedding)")
+        return {"prompt_embeds": torch.cat(embeds, dim=-1), "pooled_prompt_embeds": pooled}
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (N, 3, H, W) in [-1, 1], got {tuple(pixel_values.shape)}")
+        dist = self.vae.encode(pixel_values.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+        return dist.sample(generator) * self.vae.config.scaling_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # --- noising -------------------------------------------------------------------------
+    def sample_timesteps(self, batch_size: int, generator=None, device="cpu") -> torch.Tensor:
+        n = self.noise_scheduler.config.num_train_timesteps
+        return torch.randint(0, n, (batch_size,), generator=generator, device=device, dtype=torch.long)
+
+    def noisy_inputs(self, x0, noise, timesteps):
+        return TARGETS[self.prediction_type](x0, noise, timesteps, self.noise_scheduler.alphas_cumprod)
+
+    def micro_conditioning(self, original_sizes, crop_top_lefts, target_size) -> dict[str, torch.Tensor] | None:
+        """`time_ids` (N, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""
+        if not self.is_xl:
+            return None
+        original_sizes, crop_top_lefts = torch.as_tensor(original_sizes), torch.as_tensor(crop_top_lefts)
+        if original_sizes.shape[-1] != 2 or crop_top_lefts.shape != original_sizes.shape:
+            raise ValueError(
+                f"original_sizes and crop_top_lefts must both be (N, 2), got {tuple(original_sizes.shape)} and {tuple(crop_top_lefts.shape)}"
+            )
+        target = torch.tensor(list(target_size), dtype=original_sizes.dtype).expand_as(original_sizes)
+        return {"time_ids": torch.cat([original_sizes, crop_top_lefts, target], dim=-1).float()}
+
+    def predict(self, model, x_t, timesteps, text, micro=None, dtype=None, **extra) -> torch.Tensor:
+        cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+        added = None
+        if "pooled_prompt_embeds" in text:
+            if micro is None or "time_ids" not in micro:
+                raise ValueError("SDXL needs micro-conditioning time_ids (original size, crop, target size)")
+            added = {"text_embeds": cast(text["pooled_prompt_embeds"]), "time_ids": cast(micro["time_ids"].to(x_t.device))}
+        return model(
+            cast(x_t),
+            timesteps,
+            encoder_hidden_states=cast(text["prompt_embeds"]),
+            added_cond_kwargs=added,
+            cross_attention_kwargs=extra.get("cross_attention_kwargs"),
+            return_dict=False,
+        )[0]
+
+    # --- outputs -------------------------------------------------------------------------
+    def save_lora(self, output_dir: str, lora_state_dict) -> None:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        cls = StableDiffusionXLPipeline if self.is_xl else StableDiffusionPipeline
+        cls.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict, safe_serialization=True)
+
+    def pipeline(self, denoiser=None):
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        unet = denoiser if denoiser is not None else self.unet
+        if self.is_xl:
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2, tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2, unet=unet, scheduler=self.scheduler, image_encoder=None, feature_extractor=None,
+            )
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=unet, scheduler=self.scheduler,
+                safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+            )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+@register_family("sd15")
+class SD15Family(SDXLFamily):
+    """SD1.x / SD2.x: the SDXL adapter without the second encoder and micro-conditioning."""
+
+    name = "sd15"
+    pipeline_class_name = "StableDiffusionPipeline"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, prediction_type=None, **_unused):
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, prediction_type=prediction_type)

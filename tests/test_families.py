@@ -1,0 +1,184 @@
+"""Family adapters: targets match the hand formulas and diffusers' schedulers, groups share noise
+and timestep, and the adapter calls the denoiser exactly as the diffusers pipelines do."""
+
+import math
+
+import pytest
+import torch
+
+from diffalign.families import get_family, load_family
+from diffalign.families.sd3 import flow_matching_target
+from diffalign.families.sdxl import epsilon_target, v_prediction_target
+from diffalign.testing import tiny_sd3_pipeline, tiny_sdxl_pipeline
+
+PROMPTS = ["a red cube on a blue sphere", "two cats"]
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe():
+    return tiny_sdxl_pipeline(0)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    return tiny_sd3_pipeline(0, with_t5=True)
+
+
+def test_registry_errors_name_the_choices():
+    with pytest.raises(ValueError, match="available"):
+        get_family("sd9")
+    assert get_family("sdxl").name == "sdxl" and get_family("sd3").name == "sd3"
+
+
+def test_ddpm_targets_match_scheduler_and_hand_formula():
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    x_t, target, w = epsilon_target(x0, noise, t, sched.alphas_cumprod)
+    torch.testing.assert_close(x_t, sched.add_noise(x0, noise, t))
+    assert torch.equal(target, noise) and torch.equal(w, torch.ones(3))
+    a = sched.alphas_cumprod[500]
+    torch.testing.assert_close(x_t[1], a.sqrt() * x0[1] + (1 - a).sqrt() * noise[1])
+    x_t_v, v, _ = v_prediction_target(x0, noise, t, sched.alphas_cumprod)
+    torch.testing.assert_close(x_t_v, x_t)
+    torch.testing.assert_close(v, sched.get_velocity(x0, noise, t))
+    torch.testing.assert_close(v[1], a.sqrt() * noise[1] - (1 - a).sqrt() * x0[1])
+
+
+def test_flow_matching_target_and_weights():
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    g = torch.Generator().manual_seed(1)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    x_t, target, w = flow_matching_target(x0, noise, sigmas)
+    torch.testing.assert_close(x_t[2], 0.1 * x0[2] + 0.9 * noise[2])
+    torch.testing.assert_close(target, noise - x0)
+    assert torch.equal(w, torch.ones(3))
+    for scheme in ("sigma_sqrt", "cosmap"):
+        _, _, w = flow_matching_target(x0, noise, sigmas, weighting=scheme)
+        torch.testing.assert_close(w, compute_loss_weighting_for_sd3(scheme, sigmas).float())
+    torch.testing.assert_close(flow_matching_target(x0, noise, sigmas, "cosmap")[2][1], torch.tensor(2 / (math.pi * 0.5)))
+
+
+def test_sd3_logit_normal_sampling_matches_diffusers(sd3_pipe):
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    fam = get_family("sd3").from_pipeline(sd3_pipe)
+    t = fam.sample_timesteps(64, generator=torch.Generator().manual_seed(3))
+    u = compute_density_for_timestep_sampling("logit_normal", 64, 0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    expected = fam.noise_scheduler.timesteps[(u * 1000).long()]
+    torch.testing.assert_close(t, expected)
+    # sigma = t / 1000 is the shifted schedule's sigma (train_dreambooth_sd3's get_sigmas).
+    idx = (u * 1000).long()
+    torch.testing.assert_close(fam.sigmas_from_timesteps(t), fam.noise_scheduler.sigmas[idx], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_groups_share_noise_and_timestep(name, sdxl_pipe, sd3_pipe):
+    pipe = sdxl_pipe if name == "sdxl" else sd3_pipe
+    fam = get_family(name).from_pipeline(pipe)
+    latents = torch.randn(2, 3, 4, 8, 8)
+    noise, t = fam.group_noise_and_timesteps(latents, torch.Generator().manual_seed(0))
+    assert torch.equal(noise[:, 0], noise[:, 1]) and torch.equal(noise[:, 0], noise[:, 2])
+    assert not torch.equal(noise[0, 0], noise[1, 0])
+    assert torch.equal(t[:, 0], t[:, 2])
+    out = fam.training_inputs(latents, noise=noise, timesteps=t)
+    assert out["x_t"].shape == (6, 4, 8, 8) and out["timesteps"].shape == (6,)
+    x_t, target, _ = fam.noisy_inputs(latents[1, 2:3], noise[1, 2:3], t[1, 2:3])
+    torch.testing.assert_close(out["x_t"][5:6], x_t)
+    torch.testing.assert_close(out["target"][5:6], target)
+
+
+def test_sdxl_text_and_prediction_match_pipeline(sdxl_pipe):
+    fam = get_family("sdxl").from_pipeline(sdxl_pipe)
+    text = fam.encode_prompts(PROMPTS)
+    pe, _, pooled, _ = sdxl_pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(text["prompt_embeds"], pe)
+    torch.testing.assert_close(text["pooled_prompt_embeds"], pooled)
+    # Micro-conditioning from the REAL original size and crop, not the training resolution.
+    micro = fam.micro_conditioning(torch.tensor([[512, 768], [64, 64]]), torch.tensor([[10, 0], [0, 0]]), (64, 64))
+    ids = [
+        sdxl_pipe._get_add_time_ids((512, 768), (10, 0), (64, 64), torch.float32, text_encoder_projection_dim=32),
+        sdxl_pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32, text_encoder_projection_dim=32),
+    ]
+    torch.testing.assert_close(micro["time_ids"], torch.cat(ids))
+    x_t, t = torch.randn(2, 4, 32, 32), torch.tensor([10, 700])
+    with torch.no_grad():
+        ours = fam.predict(sdxl_pipe.unet, x_t, t, text, micro)
+        theirs = sdxl_pipe.unet(
+            x_t, t, encoder_hidden_states=pe, added_cond_kwargs={"text_embeds": pooled, "time_ids": torch.cat(ids)}, return_dict=False
+        )[0]
+    torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="time_ids"):
+        fam.predict(sdxl_pipe.unet, x_t, t, text, None)
+
+
+def test_sdxl_latents_scaled(sdxl_pipe):
+    fam = get_family("sdxl").from_pipeline(sdxl_pipe)
+    px = torch.rand(2, 3, 64, 64) * 2 - 1
+    lat = fam.encode_images(px, generator=torch.Generator().manual_seed(0))
+    raw = sdxl_pipe.vae.encode(px).latent_dist.sample(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lat, raw * sdxl_pipe.vae.config.scaling_factor)
+    with pytest.raises(ValueError, match="pixel_values"):
+        fam.encode_images(px[0])
+
+
+@pytest.mark.parametrize("with_t5", [False, True])
+def test_sd3_text_and_prediction_match_pipeline(with_t5, sd3_pipe):
+    pipe = sd3_pipe if with_t5 else tiny_sd3_pipeline(0, with_t5=False)
+    fam = get_family("sd3").from_pipeline(pipe, max_sequence_length=77)
+    text = fam.encode_prompts(PROMPTS)
+    pe, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=77)
+    torch.testing.assert_close(text["prompt_embeds"], pe)
+    torch.testing.assert_close(text["pooled_prompt_embeds"], pooled)
+    x_t = torch.randn(2, 4, 32, 32)
+    pipe.scheduler.set_timesteps(4)
+    t = pipe.scheduler.timesteps[1].expand(2)  # the pipeline's `timestep = t.expand(latents.shape[0])`
+    with torch.no_grad():
+        ours = fam.predict(pipe.transformer, x_t, t, text)
+        theirs = pipe.transformer(hidden_states=x_t, timestep=t, encoder_hidden_states=pe, pooled_projections=pooled, return_dict=False)[0]
+    torch.testing.assert_close(ours, theirs)
+    px = torch.rand(1, 3, 64, 64) * 2 - 1
+    lat = fam.encode_images(px, generator=torch.Generator().manual_seed(0))
+    raw = pipe.vae.encode(px).latent_dist.sample(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lat, (raw - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor)
+
+
+def test_sd15_through_the_sdxl_adapter():
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from diffalign.testing import tiny_clip_text_config, tiny_sdxl_components
+
+    c = tiny_sdxl_components(0)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), cross_attention_dim=32, norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=c["vae"], text_encoder=CLIPTextModel(tiny_clip_text_config()), tokenizer=c["tokenizer"], unet=unet,
+        scheduler=c["scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    fam = get_family("sd15").from_pipeline(pipe)
+    text = fam.encode_prompts(PROMPTS)
+    pe, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+    torch.testing.assert_close(text["prompt_embeds"], pe)
+    assert fam.micro_conditioning(torch.zeros(2, 2), torch.zeros(2, 2), (64, 64)) is None
+    x_t, t = torch.randn(2, 4, 32, 32), torch.tensor([5, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(fam.predict(unet, x_t, t, text), unet(x_t, t, encoder_hidden_states=pe).sample)
+
+
+def test_load_family_tiny_and_bad_name():
+    fam = load_family("tiny:sd3", loss_weighting="cosmap")
+    assert fam.name == "sd3" and fam.loss_weighting == "cosmap"
+    with pytest.raises(ValueError, match="tiny"):
+        load_family("tiny:sd9")
+    with pytest.raises(ValueError, match="loss_weighting"):
+        load_family("tiny:sd3", loss_weighting="snr")
