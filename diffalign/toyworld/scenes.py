@@ -273,6 +273,11 @@ def render(scene: Scene) -> Image.Image:
     return Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8), "RGB")
 
 
+def _reach(shape: str, r: float) -> float:
+    """Distance from the centre to the shape's farthest pixel (a square's corner lies beyond r)."""
+    return 0.85 * math.sqrt(2.0) * r if shape == "square" else r
+
+
 def _place(rng, radii: list[float], size: int, anchors=None, tries: int = 200) -> list[tuple[float, float]]:
     """Non-overlapping centres (gap >= 3 px, margin >= 2 px) for objects of the given radii."""
     for _ in range(tries):
@@ -362,7 +367,7 @@ def sample_scene(row: dict, rng, size: int = IMAGE_SIZE) -> Scene:
         max_r = 10
     radii = [float(rng.uniform(MIN_RADIUS, max_r)) for _ in range(n)]
     anchors = [None, relation_anchor] if relation_anchor is not None else None
-    centres = _place(rng, radii, size, anchors)
+    centres = _place(rng, [_reach(s, r) for (s, _), r in zip(specs, radii)], size, anchors)
     objects = [SceneObject(s, c, float(x), float(y), r) for (s, c), (x, y), r in zip(specs, centres, radii)]
     texture = ("plain", "noise", "gradient")[rng.integers(3)]
     scene = Scene(
