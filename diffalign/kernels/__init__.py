@@ -1,10 +1,10 @@
 """Fused per-sample error kernels with eager torch twins and one dispatch point.
 
 `per_sample_error(pred, target, weight=None, backend="auto")` is the contract the objectives and the
-trainer use; see `per_sample_error.py` for backends, gradients and precision.
+trainer use; see `error.py` for backends, gradients and precision.
 """
 
-from .per_sample_error import (
+from .error import (
     ENV_VAR,
     available_backends,
     check_inputs,

@@ -1,6 +1,6 @@
 """Triton backend of `per_sample_error` (and of the fused policy/reference pair).
 
-Imported lazily by `per_sample_error.py` only when the triton backend is chosen, so that importing
+Imported lazily by `error.py` only when the triton backend is chosen, so that importing
 diffalign never imports triton. Whether the kernels below run compiled (CUDA) or in Triton's CPU
 interpreter is decided by triton when they are decorated, i.e. by TRITON_INTERPRET at the time this
 module is first imported; `INTERPRETED` records which.
@@ -299,7 +299,7 @@ def _input_grads(ctx, grad_out, need_pred, need_target, need_weight):
 
 
 def per_sample_error_triton(pred, target, weight=None, split=None):
-    """Triton implementation; inputs are assumed validated by `per_sample_error`.
+    """Triton implementation; inputs are assumed validated by `error.per_sample_error`.
 
     ``split`` overrides the number of programs per sample (tests use it to cover both reduction paths).
     """
