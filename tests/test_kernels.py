@@ -203,9 +203,7 @@ def test_torch_twin_hand_checked():
 def test_torch_twin_equals_mse_loss_per_sample():
     gen = torch.Generator().manual_seed(1)
     pred, target = torch.randn(4, 4, 8, 8, generator=gen), torch.randn(4, 4, 8, 8, generator=gen)
-    expected = torch.stack(
-        [torch.nn.functional.mse_loss(pred[i], target[i]) for i in range(4)]
-    )
+    expected = torch.stack([torch.nn.functional.mse_loss(pred[i], target[i]) for i in range(4)])
     torch.testing.assert_close(K.per_sample_error_torch(pred, target), expected)
 
 
@@ -231,7 +229,9 @@ def test_half_inputs_accumulate_in_float32(dtype):
     err = K.per_sample_error(pred, target32.to(dtype), backend="torch")
     assert err.dtype == torch.float32
     exact = ((pred.detach().double() - target32.to(dtype).double()) ** 2).mean(1)
-    torch.testing.assert_close(err.double(), exact, rtol=1e-6, atol=0)  # a half-precision sum would be ~1e-3 off
+    torch.testing.assert_close(
+        err.double(), exact, rtol=1e-6, atol=0
+    )  # a half-precision sum would be ~1e-3 off
     err.sum().backward()
     assert pred.grad.dtype == dtype
 

@@ -41,7 +41,9 @@ def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; cast it with .float()")
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; cast it with .float()"
+        )
 
 
 def check_inputs(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -65,7 +67,9 @@ def check_inputs(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
             f"pred has zero elements per sample (shape {tuple(pred.shape)}); the mean over non-batch dims is undefined"
         )
     if pred.device != target.device:
-        raise ValueError(f"pred is on {pred.device} but target is on {target.device}; move them to one device")
+        raise ValueError(
+            f"pred is on {pred.device} but target is on {target.device}; move them to one device"
+        )
     if weight is not None:
         _check_tensor("weight", weight)
         n = pred.shape[0]
@@ -75,7 +79,9 @@ def check_inputs(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
                 "flatten a per-sample (N, 1, 1, 1) weighting with weight.reshape(-1)"
             )
         if weight.device != pred.device:
-            raise ValueError(f"weight is on {weight.device} but pred is on {pred.device}; move it to one device")
+            raise ValueError(
+                f"weight is on {weight.device} but pred is on {pred.device}; move it to one device"
+            )
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
