@@ -12,7 +12,9 @@ import os
 import sys
 
 # (name, module). A module listed here must exist; add a line when a room gains a command.
-COMMANDS: list[tuple[str, str]] = []
+COMMANDS: list[tuple[str, str]] = [
+    ("cache", "diffalign.data.cache"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
