@@ -1,0 +1,226 @@
+"""`TrainConfig`: every knob of a preference-training run, loaded from YAML with `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+
+OBJECTIVES = ("dpo", "rankdpo", "sft", "ipo", "hinge", "ppd")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+TUNING = ("lora", "full")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+ATTENTION = ("sdpa", "xformers")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    # --- model -----------------------------------------------------------------------------
+    pretrained_model_name_or_path: str = "tiny:sdxl"  # hub id, local path, or tiny:sdxl / tiny:sd3 / tiny:sd3-t5
+    family: str | None = None  # sdxl / sd15 / sd3; None = from the pipeline class
+    revision: str | None = None
+    variant: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None  # e.g. madebyollin/sdxl-vae-fp16-fix
+    prediction_type: str | None = None  # SDXL: epsilon / v_prediction; None = the scheduler's
+    timestep_sampling: str = "logit_normal"  # SD3: logit_normal / mode / uniform
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"  # SD3: none / sigma_sqrt / cosmap
+    max_sequence_length: int = 77  # SD3 T5 tokens
+    model_seed: int = 0  # seed of the random weights of tiny:* models
+
+    # --- objective -------------------------------------------------------------------------
+    objective: str = "dpo"  # dpo / rankdpo / sft / ipo / hinge / ppd
+    loss_type: str = "sigmoid"  # for objective=dpo: sigmoid / ipo / hinge
+    beta: float = 5000.0
+    rank_weighting: str = "dcg"  # rankdpo: dcg / none
+    discount_from: str = "true"  # rankdpo: true / predicted
+
+    # --- data ------------------------------------------------------------------------------
+    dataset: str | None = None  # parquet folder/file, saved HF dataset, hub id, or synthetic:pairs / synthetic:ranked
+    dataset_schema: str = "auto"  # auto / pairwise / ranked
+    dataset_split: str = "train"
+    latent_cache: str | None = None  # folder written by `diffalign cache`: the loop then runs only the denoiser
+    resolution: int = 1024
+    crop: str = "center"  # center / random
+    random_flip: bool = False
+    keep_ties: bool = False
+    max_k: int | None = None
+    skip_bad_rows: bool = False
+    max_train_samples: int | None = None
+    dataloader_num_workers: int = 0
+    prompt_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
+
+    # --- tuning ----------------------------------------------------------------------------
+    tuning: str = "lora"  # lora / full
+    lora_rank: int = 8
+    lora_alpha: int | None = None  # None = lora_rank
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # None = the family's default
+
+    # --- optimisation ----------------------------------------------------------------------
+    train_batch_size: int = 1  # groups (pairs or lists) per process per micro-step
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000
+    learning_rate: float = 1e-5
+    scale_lr: bool = False  # multiply by train_batch_size * grad_accum * num_processes
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw / adamw8bit / adafactor
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no / fp16 / bf16
+    gradient_checkpointing: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    torch_compile: bool = False
+    attention_backend: str = "sdpa"  # sdpa / xformers
+    allow_tf32: bool = True
+    seed: int = 0
+
+    # --- operations ------------------------------------------------------------------------
+    output_dir: str = "outputs/run"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    report_to: str = "tensorboard"  # tensorboard / wandb / none
+    tracker_project_name: str = "diffalign"
+    log_every: int = 1
+    validation_steps: int = 0  # 0 = no validation images
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red cube on a blue sphere"])
+    validation_num_inference_steps: int = 20
+    validation_guidance_scale: float = 5.0
+    validation_resolution: int | None = None  # None = resolution
+    progress_bar: bool = True
+
+    # --- construction ----------------------------------------------------------------------
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def choice(name, options):
+            value = getattr(self, name)
+            if value not in options:
+                raise ValueError(f"{name}={value!r} is not one of {list(options)}")
+
+        choice("objective", OBJECTIVES)
+        choice("loss_type", LOSS_TYPES)
+        choice("tuning", TUNING)
+        choice("mixed_precision", MIXED_PRECISION)
+        choice("optimizer", OPTIMIZERS)
+        choice("attention_backend", ATTENTION)
+        choice("lr_scheduler", LR_SCHEDULERS)
+        choice("rank_weighting", ("dcg", "none"))
+        choice("discount_from", ("true", "predicted"))
+        choice("crop", ("center", "random"))
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "resolution", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
+        if self.checkpointing_steps < 0 or self.validation_steps < 0:
+            raise ValueError("checkpointing_steps and validation_steps must be >= 0 (0 turns them off)")
+        if self.objective != "dpo" and self.loss_type != "sigmoid":
+            raise ValueError(f"loss_type={self.loss_type!r} applies to objective='dpo' only; use objective='{self.loss_type}'")
+
+    @property
+    def loss_name(self) -> str:
+        """The name `diffalign.objectives.compute` dispatches on."""
+        if self.objective == "dpo":
+            return "dpo" if self.loss_type == "sigmoid" else self.loss_type
+        if self.objective == "ppd":
+            return "dpo"  # PPD is pairwise DPO under user conditioning
+        return self.objective
+
+    @classmethod
+    def valid_keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        unknown = sorted(set(values) - set(cls.valid_keys()))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}. Valid keys: {', '.join(cls.valid_keys())}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+        """Load `path` (YAML mapping), then apply `key=value` overrides (values parsed as YAML)."""
+        import yaml
+
+        values: dict = {}
+        if path is not None:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"config file {path} does not exist (configs ship in train/configs/)")
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path} must hold a YAML mapping of config keys, got {type(loaded).__name__}")
+            values.update(loaded)
+        values.update(parse_overrides(overrides or []))
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. learning_rate=1e-6)")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        out[key] = yaml.safe_load(raw) if raw != "" else None
+    return out
+
+
+def _coerce(name: str, value, hint):
+    """Light type checks for YAML values: ints become floats where a float is expected, '1e-5' strings too."""
+    if value is None:
+        return None
+    args = typing.get_args(hint)
+    base = [a for a in args if a is not type(None)] if args else [hint]
+    target = base[0] if len(base) == 1 else hint
+    if target is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} expects a number, got {value!r}") from None
+    if target is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"{name} expects an integer, got {value!r}")
+        return int(value)
+    if target is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} expects true/false, got {value!r}")
+        return value
+    if target is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} expects a string, got {value!r}")
+        return str(value)
+    if typing.get_origin(target) is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"{name} expects a list, got {value!r}")
+        return [str(v) for v in value]
+    return value

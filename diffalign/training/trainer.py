@@ -1,0 +1,577 @@
+"""`PreferenceTrainer`: the accelerate loop shared by DPO, RankDPO, SFT (and, through a hook, PPD).
+
+One training step, for B groups of k samples:
+  latents (cached, or VAE-encoded) -> group-shared noise and t -> x_t, target, weight (family)
+  -> reference prediction (no grad: LoRA adapters off, or the frozen copy) and policy prediction
+  -> per-sample errors (float32, `diffalign.kernels.per_sample_error`) -> objective (B, k) -> loss.
+
+Determinism: every random draw of a micro-step (VAE sample, noise, timestep, prompt dropout) comes
+from a generator seeded by (seed, micro-step, process), and the data order is a pure function of
+(seed, epoch). A resumed run therefore replays the same loss sequence as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from diffalign.training import checkpoint as ckpt
+from diffalign.training.config import TrainConfig
+
+logger = logging.getLogger("diffalign.training")
+
+SUMMARY_FILE = "training_summary.json"
+LOSSES_FILE = "losses.jsonl"
+LORA_STATE_FILE = "lora_state.safetensors"
+EMA_STATE_FILE = "ema_state.safetensors"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+class ConditioningHook:
+    """How PPD plugs in: a context for the policy forward (user conditioning on) and one for the
+    reference forward (user attention off). The default does nothing. `trainable_parameters`
+    are optimised together with the denoiser's (e.g. the user encoder)."""
+
+    def policy_context(self, model, batch):
+        return contextlib.nullcontext()
+
+    def reference_context(self, model, batch):
+        return contextlib.nullcontext()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class GroupBatchSampler:
+    """Deterministic, sharded, endless batch sampler: epoch e is randperm(n, seed + e); global
+    batch j is a contiguous slice of it and process r takes its part. Starts at `start` micro-steps."""
+
+    def __init__(self, n: int, batch_size: int, num_replicas: int, rank: int, seed: int, start: int = 0):
+        self.n, self.batch_size, self.num_replicas, self.rank, self.seed, self.start = n, batch_size, num_replicas, rank, seed, start
+        self.per_epoch = n // (batch_size * num_replicas)
+        if self.per_epoch < 1:
+            raise ValueError(
+                f"the data set has {n} groups, fewer than one global batch ({batch_size} x {num_replicas} processes); "
+                "lower train_batch_size or add data"
+            )
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            epoch, j = divmod(step, self.per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            g = self.batch_size * self.num_replicas
+            chunk = perm[j * g : (j + 1) * g]
+            yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            step += 1
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """The LoRA reference: the same weights with the peft adapters switched off."""
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def _dtype(mixed_precision: str) -> torch.dtype:
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def _place(module, device, dtype):
+    """Move a module; cast only when its dtype differs (diffusers warns on no-op casts)."""
+    module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    return module
+
+
+class PreferenceTrainer:
+    def __init__(self, config: TrainConfig, train_dataset=None, adapter=None, conditioning: ConditioningHook | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        config.validate()
+        self.config = cfg = config
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        log_with = None if cfg.report_to in ("none", "", None) else cfg.report_to
+        self.accelerator = Accelerator(
+            # Accumulation is done here (manual no_sync), so accelerate must not rescale the loss.
+            gradient_accumulation_steps=1,
+            mixed_precision=cfg.mixed_precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
+            cpu=not torch.cuda.is_available(),
+        )
+        acc = self.accelerator
+        self.device = acc.device
+        self.weight_dtype = _dtype(cfg.mixed_precision)
+        if torch.cuda.is_available() and cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(cfg.seed)
+
+        # --- model -------------------------------------------------------------------------
+        if adapter is None:
+            from diffalign.families import load_family
+
+            adapter = load_family(
+                cfg.pretrained_model_name_or_path, family=cfg.family, seed=cfg.model_seed,
+                prediction_type=cfg.prediction_type, timestep_sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean,
+                logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, loss_weighting=cfg.loss_weighting,
+                max_sequence_length=cfg.max_sequence_length,
+            )
+        if adapter.name != "sd3" and (cfg.loss_weighting != "none" or cfg.timestep_sampling != "logit_normal"):
+            raise ValueError("loss_weighting / timestep_sampling are SD3 (flow matching) options; leave them at their defaults")
+        if cfg.pretrained_vae_model_name_or_path:
+            from diffusers import AutoencoderKL
+
+            adapter.vae = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path).eval().requires_grad_(False)
+        self.adapter = adapter
+        self.needs_reference = cfg.loss_name != "sft"
+        self.conditioning = conditioning
+        if cfg.objective == "ppd" and conditioning is None:
+            raise ValueError(
+                "objective='ppd' needs a ConditioningHook (policy forward under user conditioning, reference with user "
+                "attention off) from diffalign.personalization; pass PreferenceTrainer(..., conditioning=hook)"
+            )
+        self._setup_models()
+
+        # --- data --------------------------------------------------------------------------
+        self.dataset = train_dataset if train_dataset is not None else self._build_dataset()
+        self.null_text = None
+        if cfg.prompt_dropout > 0:
+            self.null_text = {k: v.to(self.device) for k, v in adapter.encode_prompts([""]).items()}
+
+        # --- optimiser ---------------------------------------------------------------------
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        if conditioning is not None:
+            params += list(conditioning.trainable_parameters())
+        if not params:
+            raise ValueError("nothing to train: no parameter requires grad")
+        self.trainable = params
+        world = acc.num_processes
+        lr = cfg.learning_rate
+        if cfg.scale_lr:
+            lr = lr * cfg.train_batch_size * cfg.gradient_accumulation_steps * world
+        self.learning_rate = lr
+        self.optimizer = self._build_optimizer(params, lr)
+        from diffusers.optimization import get_scheduler
+
+        lr_scheduler = get_scheduler(
+            cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps * world,
+            num_training_steps=cfg.max_train_steps * world,
+        )
+        self.ema = None
+        if cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=cfg.ema_decay)
+            self.ema.to(self.device)
+        self.denoiser, self.optimizer, self.lr_scheduler = acc.prepare(self.denoiser, self.optimizer, lr_scheduler)
+        if cfg.tuning == "lora":
+            acc.register_save_state_pre_hook(self._save_lora_hook)
+            acc.register_load_state_pre_hook(self._load_lora_hook)
+
+    # ------------------------------------------------------------------------------------------
+    def _setup_models(self) -> None:
+        cfg, adapter = self.config, self.adapter
+        denoiser = adapter.denoiser
+        denoiser.requires_grad_(False)
+        vae_dtype = torch.float32  # the SDXL VAE overflows in fp16; it runs once per image (or never, with the cache)
+        _place(adapter.vae, self.device, vae_dtype)
+        for enc in adapter.text_encoders():
+            _place(enc, self.device, self.weight_dtype)
+        if cfg.attention_backend == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError as e:
+                raise ImportError(
+                    "attention_backend='xformers' needs xformers: pip install 'diffalign[xformers]' (or use 'sdpa')"
+                ) from e
+            denoiser.enable_xformers_memory_efficient_attention()
+        self.reference = None
+        if cfg.tuning == "lora":
+            from peft import LoraConfig
+
+            _place(denoiser, self.device, self.weight_dtype)
+            targets = cfg.lora_target_modules or adapter.lora_target_modules
+            denoiser.add_adapter(
+                LoraConfig(
+                    r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+                    init_lora_weights="gaussian", target_modules=list(targets),
+                )
+            )
+            for p in denoiser.parameters():  # LoRA weights train in fp32 even when the base is bf16/fp16
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            _place(denoiser, self.device, torch.float32)
+            if self.needs_reference:
+                # The frozen reference in the compute dtype (bf16 under bf16 mixed precision), on the accelerator.
+                self.reference = _place(copy.deepcopy(denoiser), self.device, self.weight_dtype).eval().requires_grad_(False)
+            denoiser.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        denoiser.train()
+        if cfg.torch_compile:
+            denoiser.compile()
+            if self.reference is not None:
+                self.reference.compile()
+        self.denoiser = denoiser
+
+    def _build_dataset(self):
+        cfg = self.config
+        if cfg.latent_cache:
+            from diffalign.data import CachedDataset
+
+            return CachedDataset(cfg.latent_cache)
+        if not cfg.dataset:
+            raise ValueError("no training data: set dataset=<parquet folder | HF dataset | hub id | synthetic:pairs> or latent_cache=<dir>")
+        if cfg.dataset.startswith("synthetic:"):
+            from diffalign.training.synthetic import synthetic_from_spec
+
+            return synthetic_from_spec(cfg.dataset, cfg.resolution, cfg.seed)
+        from diffalign.data import load_preference_dataset
+
+        ds = load_preference_dataset(
+            cfg.dataset, cfg.dataset_schema, split=cfg.dataset_split, resolution=cfg.resolution, crop=cfg.crop,
+            random_flip=cfg.random_flip, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, keep_ties=cfg.keep_ties, max_k=cfg.max_k,
+        )
+        if cfg.max_train_samples is not None and cfg.max_train_samples < len(ds):
+            ds = torch.utils.data.Subset(ds, range(cfg.max_train_samples))
+        return ds
+
+    def _build_optimizer(self, params, lr):
+        cfg = self.config
+        if cfg.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError as e:
+                raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes (or use 'adamw')") from e
+            cls = bnb.optim.AdamW8bit
+        elif cfg.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=cfg.adam_weight_decay)
+        else:
+            cls = torch.optim.AdamW
+        return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+    # --- checkpoint hooks (LoRA: save only the adapter weights) --------------------------------
+    def _save_lora_hook(self, models, weights, output_dir):
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        for model in models:
+            if self.accelerator.is_main_process:
+                state = get_peft_model_state_dict(self.accelerator.unwrap_model(model))
+                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(output_dir, LORA_STATE_FILE))
+        while weights:
+            weights.pop()
+
+    def _load_lora_hook(self, models, input_dir):
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(input_dir, LORA_STATE_FILE))
+        while models:
+            model = self.accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, state)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"checkpoint {input_dir} has LoRA keys this model lacks: {result.unexpected_keys[:5]}")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.denoiser)
+
+    def _reference_context(self, batch):
+        stack = contextlib.ExitStack()
+        if self.config.tuning == "lora":
+            stack.enter_context(adapters_disabled(self.unwrapped))
+        if self.conditioning is not None:
+            stack.enter_context(self.conditioning.reference_context(self.unwrapped, batch))
+        return stack
+
+    def _policy_context(self, batch):
+        if self.conditioning is not None:
+            return self.conditioning.policy_context(self.unwrapped, batch)
+        return contextlib.nullcontext()
+
+    def compute_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
+        """Loss and metrics of one micro-batch; all randomness from (seed, micro_step, process)."""
+        cfg, adapter, acc = self.config, self.adapter, self.accelerator
+        g = torch.Generator().manual_seed(step_seed(cfg.seed, micro_step, acc.process_index))
+        scores = batch["scores"].to(self.device, torch.float32)
+        b, k = scores.shape
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device, torch.float32)
+        else:
+            px = batch["pixel_values"]
+            enc = adapter.encode_images(px.flatten(0, 1).to(self.device), generator=g)
+            latents = enc.float().view(b, k, *enc.shape[1:])
+        text = batch.get("text")
+        if text is None:
+            text = adapter.encode_prompts(list(batch["prompts"]))
+        text = {key: value.to(self.device) for key, value in text.items()}
+        if self.null_text is not None:
+            from diffalign.families import drop_prompts
+
+            text = drop_prompts(text, self.null_text, torch.rand(b, generator=g) < cfg.prompt_dropout)
+        from diffalign.families import repeat_groups
+
+        text = repeat_groups(text, k)
+        h, w = latents.shape[-2:]
+        micro = adapter.micro_conditioning(
+            batch["original_sizes"].flatten(0, 1), batch["crop_top_lefts"].flatten(0, 1),
+            (h * adapter.vae_scale_factor, w * adapter.vae_scale_factor),
+        )
+        if micro is not None:
+            micro = {key: value.to(self.device) for key, value in micro.items()}
+        inputs = adapter.training_inputs(latents, generator=g)
+        x_t, t, target, weight = inputs["x_t"], inputs["timesteps"], inputs["target"], inputs["weight"]
+
+        from diffalign.kernels import per_sample_error
+        from diffalign.objectives import compute
+
+        err_ref = None
+        if self.needs_reference:
+            ref_model = self.reference if self.reference is not None else self.unwrapped
+            with torch.no_grad(), self._reference_context(batch), acc.autocast():
+                ref_pred = adapter.predict(ref_model, x_t, t, text, micro)
+            err_ref = per_sample_error(ref_pred, target, weight).view(b, k)
+        with self._policy_context(batch), acc.autocast():
+            pred = adapter.predict(self.denoiser, x_t, t, text, micro)
+        err_policy = per_sample_error(pred, target, weight).view(b, k)
+        kwargs = {}
+        if cfg.loss_name == "rankdpo":
+            kwargs = {"weighting": cfg.rank_weighting, "discount_from": cfg.discount_from}
+        beta = {} if cfg.loss_name == "sft" else {"beta": cfg.beta}
+        loss, metrics = compute(cfg.loss_name, err_policy, err_ref, scores, **beta, **kwargs)
+        return loss.float(), metrics
+
+    # ------------------------------------------------------------------------------------------
+    def _resume(self) -> int:
+        cfg, acc = self.config, self.accelerator
+        path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        if path is None:
+            if cfg.resume_from_checkpoint == "latest":
+                acc.print(f"resume_from_checkpoint=latest: no checkpoint in {cfg.output_dir} yet, starting from step 0")
+            return 0
+        acc.load_state(path)
+        state = ckpt.read_state(path)
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            ema = load_file(os.path.join(path, EMA_STATE_FILE))
+            for i, p in enumerate(self.ema.shadow_params):
+                p.data.copy_(ema[f"shadow.{i}"].to(p.device))
+            self.ema.optimization_step = int(state.get("ema_optimization_step", 0))
+        acc.print(f"resumed from {path} at step {state['global_step']}")
+        return int(state["global_step"])
+
+    def save_checkpoint(self, step: int, last_loss: float | None = None) -> str | None:
+        cfg, acc = self.config, self.accelerator
+        tmp = ckpt.temporary_dir(cfg.output_dir, step)
+        if acc.is_main_process:
+            ckpt.clean_temporary(cfg.output_dir)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        final = None
+        if acc.is_main_process:
+            state = {"global_step": step, "last_loss": last_loss, "config": cfg.to_dict(), "num_processes": acc.num_processes}
+            if self.ema is not None:
+                from safetensors.torch import save_file
+
+                save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.ema.shadow_params)},
+                          os.path.join(tmp, EMA_STATE_FILE))
+                state["ema_optimization_step"] = int(self.ema.optimization_step)
+            final = ckpt.finalize(tmp, cfg.output_dir, step, state)
+            ckpt.prune(cfg.output_dir, cfg.checkpoints_total_limit)
+        acc.wait_for_everyone()
+        return final
+
+    def validate(self, step: int) -> str | None:
+        """Generate the validation prompts with the current weights; save a grid PNG (main process)."""
+        cfg, acc = self.config, self.accelerator
+        path = None
+        if acc.is_main_process:
+            from diffusers.utils import make_image_grid
+
+            model = self.unwrapped
+            model.eval()
+            pipe = self.adapter.pipeline(model)
+            res = cfg.validation_resolution or cfg.resolution
+            images = []
+            with torch.no_grad(), acc.autocast():
+                for i, prompt in enumerate(cfg.validation_prompts):
+                    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + i)
+                    images.append(pipe(prompt, height=res, width=res, num_inference_steps=cfg.validation_num_inference_steps,
+                                       guidance_scale=cfg.validation_guidance_scale, generator=gen).images[0])
+            model.train()
+            os.makedirs(os.path.join(cfg.output_dir, "validation"), exist_ok=True)
+            path = os.path.join(cfg.output_dir, "validation", f"step-{step:06d}.png")
+            make_image_grid(images, rows=1, cols=len(images)).save(path)
+        acc.wait_for_everyone()
+        return path
+
+    def save_final(self) -> None:
+        cfg, acc = self.config, self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        model = self.unwrapped
+        if self.ema is not None:
+            self.ema.copy_to(self.trainable)
+        if cfg.tuning == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            self.adapter.save_lora(cfg.output_dir, get_peft_model_state_dict(model))
+        else:
+            model.save_pretrained(os.path.join(cfg.output_dir, self.adapter.denoiser_attr), safe_serialization=True)
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Run to `max_train_steps`; returns (and writes) the training summary."""
+        from diffalign.data import collate_groups
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        start_step = self._resume()
+        accum = cfg.gradient_accumulation_steps
+        sampler = GroupBatchSampler(len(self.dataset), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
+                                    start=start_step * accum)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate_groups,
+                                             num_workers=cfg.dataloader_num_workers)
+        if cfg.report_to not in ("none", "", None):
+            acc.init_trackers(cfg.tracker_project_name, config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                                              for k, v in cfg.to_dict().items()})
+        losses_path = os.path.join(cfg.output_dir, LOSSES_FILE)
+        bar = tqdm(total=cfg.max_train_steps, initial=start_step, desc="train",
+                   disable=not (acc.is_local_main_process and cfg.progress_bar))
+        groups_per_step = cfg.train_batch_size * acc.num_processes * accum
+        step = start_step
+        micro_step = start_step * accum
+        history: list[dict] = []
+        t_start = time.perf_counter()
+        step_times: list[float] = []
+        data_iter = iter(loader)
+        self.denoiser.train()
+        while step < cfg.max_train_steps:
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            for j in range(accum):
+                batch = next(data_iter)
+                sync = j == accum - 1
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.denoiser)
+                with ctx:
+                    loss, metrics = self.compute_loss(batch, micro_step)
+                    global_loss = acc.reduce(loss.detach(), reduction="mean")
+                    if not torch.isfinite(global_loss):
+                        self._fail_non_finite(step + 1, micro_step, float(global_loss))
+                    acc.backward(loss / accum)
+                micro_step += 1
+                # One all-reduce for the loss and every metric.
+                names = ["loss", *metrics]
+                values = torch.stack([loss.detach().float(), *(m.detach().float().to(self.device) for m in metrics.values())])
+                values = acc.reduce(values, reduction="mean").cpu().tolist()
+                for name, value in zip(names, values):
+                    sums[name] = sums.get(name, 0.0) + value / accum
+            if cfg.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                sums["grad_norm"] = float(grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(self.trainable)
+            step += 1
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            sums["lr"] = self.lr_scheduler.get_last_lr()[0]
+            sums["step_time_s"] = dt
+            sums["pairs_per_s"] = groups_per_step / dt
+            history.append({"step": step, **sums})
+            if acc.is_main_process:
+                with open(losses_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": step, "loss": sums["loss"], **{k: v for k, v in sums.items() if k != "loss"}}) + "\n")
+            if step % cfg.log_every == 0 and acc.trackers:
+                acc.log(sums, step=step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", s_per_step=f"{dt:.3f}", pairs_s=f"{sums['pairs_per_s']:.1f}")
+            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
+                self.save_checkpoint(step, sums["loss"])
+            if cfg.validation_steps and step % cfg.validation_steps == 0:
+                self.validate(step)
+        bar.close()
+        if cfg.checkpointing_steps:
+            self.save_checkpoint(step, history[-1]["loss"] if history else None)
+        self.save_final()
+        summary = self._summary("finished", step, start_step, history, step_times, time.perf_counter() - t_start)
+        acc.end_training()
+        return summary
+
+    def _summary(self, status, step, start_step, history, step_times, wall) -> dict:
+        cfg, acc = self.config, self.accelerator
+        last = history[-1] if history else {}
+        tail = history[-10:]
+        timed = step_times[1:] or step_times  # the first step includes warm-up (compilation, allocator)
+        median = float(np.median(timed)) if timed else float("nan")
+        summary = {
+            "status": status,
+            "objective": cfg.objective,
+            "loss_name": cfg.loss_name,
+            "family": self.adapter.name,
+            "tuning": cfg.tuning,
+            "global_step": step,
+            "resumed_from_step": start_step,
+            "num_processes": acc.num_processes,
+            "final_loss": last.get("loss"),
+            "mean_loss_last_10": float(np.mean([h["loss"] for h in tail])) if tail else None,
+            "final_metrics": {k: v for k, v in last.items() if k not in ("step",)},
+            "median_step_time_s": median,
+            "pairs_per_s": cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps / median if timed else None,
+            "wall_time_s": wall,
+            "skipped_rows": int(getattr(self.dataset, "skipped_rows", 0) or 0),
+            "config": cfg.to_dict(),
+        }
+        if acc.is_main_process:
+            with open(os.path.join(cfg.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2, default=str)
+        return summary
+
+    def _fail_non_finite(self, step: int, micro_step: int, value: float):
+        cfg = self.config
+        good = ckpt.latest_checkpoint(cfg.output_dir)
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
+        msg = (
+            f"non-finite loss ({value}) at step {step} (micro-step {micro_step}); training stopped before the update, "
+            f"{where}. Lower learning_rate or beta, or check the data, then resume_from_checkpoint=latest."
+        )
+        if self.accelerator.is_main_process:
+            with open(os.path.join(cfg.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as f:
+                json.dump({"status": "non_finite_loss", "step": step, "message": msg, "last_good_checkpoint": good}, f, indent=2)
+        self.accelerator.end_training()
+        raise NonFiniteLossError(msg)
+
+
+def train(config: TrainConfig, **kwargs) -> dict:
+    """Build a `PreferenceTrainer` for `config` and run it."""
+    return PreferenceTrainer(config, **kwargs).train()
