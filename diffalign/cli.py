@@ -15,6 +15,7 @@ import sys
 COMMANDS: list[tuple[str, str]] = [
     ("cache", "diffalign.data.cache"),
     ("synth", "diffalign.synth.cli"),
+    ("train", "diffalign.training.cli"),
 ]
 
 
