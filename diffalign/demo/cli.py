@@ -1,0 +1,71 @@
+"""`diffalign demo` (and `python demos/app.py`): parse flags into a DemoConfig, build, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffalign.demo.config import DemoConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    d = DemoConfig()
+    parser.add_argument("--base", default=d.base,
+                        help="toy | toy:sd3 | tiny:sdxl | tiny:sd3 | diffusers folder | Hub id (default: toy, falling "
+                             "back to the random tiny:sdxl with a notice when the toy checkpoint is absent)")
+    parser.add_argument("--lora", default=None, help="aligned model: LoRA .safetensors file or folder")
+    parser.add_argument("--user-adapter", default=None, help="PPD user-attention weights (+ encoder head) file or folder")
+    parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default=d.dtype, help="float32 | float16 | bfloat16")
+    parser.add_argument("--rewards", nargs="*", default=None,
+                        help="reward models under each image: NAME or NAME:key=value,... ('none' for none; default: "
+                             "what builds offline)")
+    parser.add_argument("--no-geneval", action="store_true", help="do not show toy GenEval verdicts")
+    parser.add_argument("--results", nargs="*", default=[], help="GenEval results folders for the Benchmark tab")
+    parser.add_argument("--host", default=d.host, help="bind address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--concurrency-limit", type=int, default=d.concurrency_limit)
+    parser.add_argument("--max-queue-size", type=int, default=d.max_queue_size)
+    parser.add_argument("--max-steps", type=int, default=d.max_steps)
+    parser.add_argument("--max-size", type=int, default=d.max_size)
+    parser.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb)
+    parser.add_argument("--max-upload-pixels", type=int, default=d.max_upload_pixels)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    return DemoConfig(
+        base=args.base, lora=args.lora, user_adapter=args.user_adapter, device=args.device, dtype=args.dtype,
+        rewards=args.rewards, geneval=not args.no_geneval, results_dirs=list(args.results), host=args.host,
+        port=args.port, concurrency_limit=args.concurrency_limit, max_queue_size=args.max_queue_size,
+        max_steps=args.max_steps, max_size=args.max_size, max_upload_mb=args.max_upload_mb,
+        max_upload_pixels=args.max_upload_pixels,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffalign.demo import build_app, launch
+
+    config = config_from_args(args)
+    try:
+        demo = build_app(config)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"diffalign demo: {e}", file=sys.stderr)
+        return 2
+    for notice in demo.diffalign_state.notices:
+        print(f"notice: {notice}", file=sys.stderr)
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {config.host}: other machines can reach this demo", file=sys.stderr)
+    launch(demo, config)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="Gradio demo: compare base vs aligned, personalize, browse GenEval results")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="demos/app.py", description="diffalign Gradio demo"))
+    return run(parser.parse_args(argv))

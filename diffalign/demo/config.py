@@ -1,0 +1,73 @@
+"""The demo's configuration: which models, which rewards, and the limits that protect the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DemoConfig:
+    """Everything `build_app` needs. The CLI (`diffalign demo`, `demos/app.py`) fills it from flags.
+
+    Model sources (`base`):
+      - "toy" / "toy:sdxl" / "toy:sd3": the toy-world checkpoint in `diffalign/toyworld/checkpoints/`;
+        when it is absent the app falls back to "tiny:<family>" and says so on the page;
+      - "tiny:sdxl" / "tiny:sd3": the offline, RANDOMLY initialised tiny pipelines of `diffalign.testing`;
+      - any diffusers pipeline folder or Hub id (e.g. "stabilityai/stable-diffusion-xl-base-1.0").
+    """
+
+    base: str = "toy"
+    lora: str | None = None  # the aligned model: a LoRA .safetensors file or a folder holding one
+    user_adapter: str | None = None  # PPD user-attention weights (+ encoder) saved by diffalign.personalization
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    dtype: str = "float32"
+    # Reward models shown under each image: registry names with optional ":key=value,..." kwargs.
+    # None = the default that builds offline (see scoring.default_reward_specs); [] = no rewards.
+    rewards: list[str] | None = None
+    # GenEval-style verdicts under each image (toy detector; only for toy-world prompts).
+    geneval: bool = True
+
+    # Server.
+    host: str = "127.0.0.1"
+    port: int = 7860
+    concurrency_limit: int = 1  # generation requests run at once (they share one pipeline)
+    max_queue_size: int = 64
+    max_upload_mb: float = 10.0
+    max_upload_pixels: int = 2048 * 2048
+
+    # Generation limits and defaults (None = the model's own: 64 px for tiny/toy models, else its native size).
+    max_steps: int = 50
+    min_size: int = 32
+    max_size: int = 1024
+    default_steps: int | None = None
+    default_size: int | None = None
+    default_guidance: float = 5.0
+    max_guidance: float = 20.0
+    max_prompt_chars: int = 400
+
+    # Personalize tab.
+    num_pairs: int = 4
+
+    # Benchmark tab: GenEval results folders shown on load (each holds results.jsonl).
+    results_dirs: list[str] = field(default_factory=list)
+    max_failures_shown: int = 48
+
+    def __post_init__(self):
+        if self.concurrency_limit < 1:
+            raise ValueError(f"concurrency_limit must be >= 1, got {self.concurrency_limit}")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if not (8 <= self.min_size <= self.max_size):
+            raise ValueError(f"need 8 <= min_size <= max_size, got min_size={self.min_size}, max_size={self.max_size}")
+        if self.max_upload_mb <= 0 or self.max_upload_pixels <= 0:
+            raise ValueError("max_upload_mb and max_upload_pixels must be positive")
+        if self.num_pairs < 1:
+            raise ValueError(f"num_pairs must be >= 1, got {self.num_pairs}")
+        if not (1 <= self.port <= 65535):
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
