@@ -16,6 +16,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("cache", "diffalign.data.cache"),
     ("synth", "diffalign.synth.cli"),
     ("train", "diffalign.training.cli"),
+    ("demo", "diffalign.demo.cli"),
 ]
 
 
