@@ -14,6 +14,7 @@ import sys
 # (name, module). A module listed here must exist; add a line when a room gains a command.
 COMMANDS: list[tuple[str, str]] = [
     ("cache", "diffalign.data.cache"),
+    ("geneval", "diffalign.evaluation.geneval.cli"),
     ("synth", "diffalign.synth.cli"),
     ("train", "diffalign.training.cli"),
     ("demo", "diffalign.demo.cli"),
