@@ -19,6 +19,7 @@ Writes DIR/kernels.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -83,7 +84,7 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def make_sets(n, shape, dtype, device, min_bytes, max_sets=16, seed=0):
+def make_sets(n, shape, dtype, device, min_bytes, max_sets=64, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     per_set = 3 * n * int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
     n_sets = max(1, min(max_sets, -(-min_bytes // per_set)))
@@ -131,11 +132,12 @@ def measure(impls: dict, sets, timer, reps, iters, cuda):
             torch.cuda.synchronize()
         impls[name].__dict__["first_call_s"] = time.perf_counter() - t0
     times = {name: [] for name in names}
+    counter = itertools.count()  # keep rotating through all input sets across repetitions
     for rep in range(reps):
         order = names if rep % 2 == 0 else names[::-1]
         for name in order:
             fn = impls[name]
-            times[name].append(timer(lambda i, fn=fn: fn(sets[i % len(sets)]), iters))
+            times[name].append(timer(lambda i, fn=fn: fn(sets[next(counter) % len(sets)]), iters))
     out = {}
     for name in names:
         ts = times[name]
@@ -145,6 +147,43 @@ def measure(impls: dict, sets, timer, reps, iters, cuda):
             "max_ms": max(ts),
             "first_call_s": impls[name].__dict__.get("first_call_s"),
         }
+    return out
+
+
+def measure_graphs(impls: dict, sets, reps, max_steps=64):
+    """GPU time per step without host overhead: each implementation's steps over k input sets are
+    captured in one CUDA graph; graphs are replayed alternately (ABAB) and the median is reported.
+    In training these ops queue behind the denoiser's kernels, so GPU time is what they cost there."""
+    k = min(len(sets), max_steps)
+    graphs, out = {}, {}
+    for name, fn in impls.items():
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+                for st in sets[:k]:
+                    fn(st)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                keep = [fn(st) for st in sets[:k]]
+            graphs[name] = (graph, keep)
+        except Exception as exc:  # report, keep going with the others
+            out[name] = {"graph_error": repr(exc)[:300]}
+            print(f"  graph capture of {name} failed: {out[name]['graph_error']}", flush=True)
+    timer = Timer(True)
+    times = {name: [] for name in graphs}
+    for graph, _ in graphs.values():
+        graph.replay()
+    names = list(graphs)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            times[name].append(timer(lambda i, g=graphs[name][0]: g.replay(), 3) / k)
+    for name in names:
+        ts = times[name]
+        out[name] = {"gpu_median_ms": statistics.median(ts), "gpu_min_ms": min(ts), "gpu_max_ms": max(ts)}
+    del graphs
     return out
 
 
@@ -216,6 +255,22 @@ def build_impls(args, cuda, triton_ok):
     return single, pair
 
 
+def _drop_failing(impls: dict, s) -> dict:
+    """Run each implementation once; remove (and report) any that raise, so one broken path
+    (e.g. torch.compile on an odd install) cannot take the whole benchmark down."""
+    failed = {}
+    for name in list(impls):
+        try:
+            impls[name](s)
+        except Exception as exc:
+            failed[name] = repr(exc)[:500]
+            print(f"  {name} failed and is dropped: {failed[name]}", flush=True)
+            if name in ("torch", "pair_torch"):
+                raise
+            del impls[name]
+    return failed
+
+
 def parity(single, pair, s, dtype):
     """Relative max differences of triton (and compile) against the eager twin on one input set."""
     res = {}
@@ -257,16 +312,19 @@ def run_configs(args, device, cuda, triton_ok):
                 numel = n * torch.Size(shape).numel()
                 elt = sets[0][0].element_size()
                 row = {"family": fam, "n": n, "shape": [n, *shape], "dtype": dname, "sets": len(sets)}
+                row["failed"] = _drop_failing(single, sets[0]) | _drop_failing(pair, sets[0])
                 row["parity"] = parity(single, pair, sets[0], dtype)
-                row["single"] = measure(single, sets, timer, reps, iters, cuda)
-                for name, m in row["single"].items():
-                    m["gbs"] = 5 * numel * elt / (m["median_ms"] * 1e-3) / 1e9
-                    m["peak_extra_bytes"] = peak_memory(single[name], sets[0])
-                if pair:
-                    row["pair"] = measure(pair, sets, timer, reps, iters, cuda)
-                    for name, m in row["pair"].items():
-                        m["gbs_at_6_passes"] = 6 * numel * elt / (m["median_ms"] * 1e-3) / 1e9
-                        m["peak_extra_bytes"] = peak_memory(pair[name], sets[0])
+                for kind, impls, passes in (("single", single, 5), ("pair", pair, 6)):
+                    if not impls:
+                        continue
+                    row[kind] = measure(impls, sets, timer, reps, iters, cuda)
+                    gpu = measure_graphs(impls, sets, reps) if cuda else {}
+                    for name, m in row[kind].items():
+                        m.update(gpu.get(name, {}))
+                        ms = m.get("gpu_median_ms", m["median_ms"])
+                        # effective bandwidth over the fewest bytes: 5 tensor passes (6 for the fused pair)
+                        m[f"gbs_{passes}_passes"] = passes * numel * elt / (ms * 1e-3) / 1e9
+                        m["peak_extra_bytes"] = peak_memory(impls[name], sets[0])
                 rows.append(row)
                 _print_row(row)
                 del sets
@@ -309,9 +367,19 @@ def run_sweep(args, device, cuda):
                     te.CONFIG.update(default)
 
             impls[f"v{i}"] = Fn(fn)
-        res = measure(impls, sets, timer, max(3, args.reps // 3), args.iters, cuda)
+        if cuda:
+            res = {
+                k: {"median_ms": v["gpu_median_ms"]}
+                for k, v in measure_graphs(impls, sets, max(3, args.reps // 3)).items()
+                if "gpu_median_ms" in v
+            }
+        else:
+            res = measure(impls, sets, timer, max(3, args.reps // 3), args.iters, cuda)
         for i, var in enumerate(variants):
-            out.append({"family": fam, "n": n, "dtype": dname, "config": {**default, **var}, **res[f"v{i}"]})
+            if f"v{i}" in res:
+                out.append(
+                    {"family": fam, "n": n, "dtype": dname, "config": {**default, **var}, **res[f"v{i}"]}
+                )
         best = min(
             (r for r in out if r["family"] == fam and r["n"] == n and r["dtype"] == dname),
             key=lambda r: r["median_ms"],
@@ -325,18 +393,28 @@ def run_sweep(args, device, cuda):
 
 
 def _print_row(row):
+    """One line per implementation: host-bound eager time, GPU time (graph replay), speed-up on GPU time
+    against the torch baseline of its group, effective GB/s, extra peak memory."""
     head = f"{row['family']:>4} N={row['n']:<3} {row['dtype']:<8}"
-    base = row["single"]["torch"]["median_ms"]
-    parts = []
-    for name, m in row["single"].items():
-        mem = m["peak_extra_bytes"]
-        mem_s = f" {mem / 2**20:6.1f}MiB" if mem is not None else ""
-        parts.append(f"{name} {m['median_ms']:.4f}ms x{base / m['median_ms']:.2f} {m['gbs']:7.1f}GB/s{mem_s}")
-    print(head + " | " + " | ".join(parts), flush=True)
-    if "pair" in row:
-        base = row["pair"]["pair_torch"]["median_ms"]
-        parts = [f"{k} {m['median_ms']:.4f}ms x{base / m['median_ms']:.2f}" for k, m in row["pair"].items()]
-        print(" " * len(head) + " | " + " | ".join(parts), flush=True)
+    for kind, base_name, passes in (("single", "torch", 5), ("pair", "pair_torch", 6)):
+        if kind not in row:
+            continue
+        key = "gpu_median_ms" if "gpu_median_ms" in row[kind][base_name] else "median_ms"
+        base = row[kind][base_name][key]
+        for name, m in row[kind].items():
+            mem = m["peak_extra_bytes"]
+            mem_s = f"{mem / 2**20:8.1f} MiB" if mem is not None else ""
+            gpu = m.get(key)
+            gpu_s = (
+                f"{gpu * 1e3:8.1f} us x{base / gpu:4.2f} {m[f'gbs_{passes}_passes']:7.1f} GB/s"
+                if gpu
+                else "  (no gpu time)"
+            )
+            label = "gpu" if key == "gpu_median_ms" else "cpu"
+            print(
+                f"{head} {name:<20} host {m['median_ms'] * 1e3:8.1f} us | {label} {gpu_s} {mem_s}", flush=True
+            )
+            head = " " * len(head)
     bad = {k: v for k, v in row["parity"].items() if not v["ok"]}
     if bad:
         print(" " * len(head) + f" | PARITY FAIL {bad}", flush=True)
