@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -195,9 +196,10 @@ def _coerce(name: str, value, hint):
     """Light type checks for YAML values: ints become floats where a float is expected, '1e-5' strings too."""
     if value is None:
         return None
-    args = typing.get_args(hint)
-    base = [a for a in args if a is not type(None)] if args else [hint]
-    target = base[0] if len(base) == 1 else hint
+    target = hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # `X | None` -> X
+        base = [a for a in typing.get_args(hint) if a is not type(None)]
+        target = base[0] if len(base) == 1 else hint
     if target is float:
         if isinstance(value, bool):
             raise ValueError(f"{name} expects a number, got {value!r}")
