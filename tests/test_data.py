@@ -403,3 +403,31 @@ def test_cache_with_tiny_sdxl_adapter_and_cli(tmp_path, hf_cache):
     assert main(argv) == 0
     assert len(CachedDataset(out)) == 2 and len(list(out.glob("shard-*.safetensors"))) == 2
     assert main(argv) == 0  # resume: nothing left to do
+
+
+@pytest.mark.slow
+def test_cache_two_processes_match_one(tmp_path, hf_cache):
+    """torchrun with 2 CPU processes: each writes its shards (s % 2 == rank); the result equals a 1-process build."""
+    import os
+    import subprocess
+    import sys
+
+    from diffalign.families import load_family
+
+    path = write(ranked_table(n=5, k=2), tmp_path / "r.parquet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign.cli",
+         "cache", "--data", path, "--model", "tiny:sdxl", "--resolution", "32", "--shard_size", "1",
+         "--hf_cache_dir", hf_cache, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "cache [1/2]" in two.stderr and "cache [2/2]" in two.stderr  # both processes took part
+    ds = RankedDataset(path, resolution=32, cache_dir=hf_cache)
+    build_cache(ds, load_family("tiny:sdxl", seed=0), tmp_path / "one", shard_size=1, progress=False)
+    a, b = CachedDataset(tmp_path / "two"), CachedDataset(tmp_path / "one")
+    assert len(a) == len(b) == 5
+    for i in range(5):
+        assert torch.equal(a[i]["latents"], b[i]["latents"]) and a[i]["row"] == b[i]["row"] == i
+        assert torch.equal(a[i]["text"]["prompt_embeds"], b[i]["text"]["prompt_embeds"])

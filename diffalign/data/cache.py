@@ -93,7 +93,9 @@ def adapter_fingerprint(adapter: Any) -> str:
             continue
         config = getattr(module, "config", None)
         config = dict(config) if hasattr(config, "keys") else (config.to_dict() if hasattr(config, "to_dict") else {})
-        config.pop("_name_or_path", None)  # where it was loaded from does not change what it computes
+        # Private keys (_name_or_path, _use_default_values, ...) say where and how it was loaded, not what it
+        # computes; _use_default_values is even built from a set, so its order changes between processes.
+        config = {key: value for key, value in config.items() if not key.startswith("_")}
         blob = json.dumps(config, sort_keys=True, default=str).encode()
         parts[attr] = {"config": hashlib.sha1(blob).hexdigest()[:16], "weights": _param_checksum(module)}
     if len(parts) == 1:
@@ -172,7 +174,7 @@ def build_cache(
     if distributed:
         from accelerate import PartialState
 
-        state = PartialState()
+        state = PartialState(cpu=not torch.cuda.is_available())
         rank, world_size = state.process_index, state.num_processes
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -222,7 +224,8 @@ def build_cache(
     for shard in todo:
         generator = None
         if takes_generator:
-            generator = torch.Generator(device=device or "cpu").manual_seed(int(seed) * 1_000_003 + shard)
+            generator = torch.Generator().manual_seed(  # on CPU: the same draws on any accelerator
+                int(seed) * 1_000_003 + shard)
         tensors, metadata = _encode_shard(
             dataset, adapter, shard_rows(shard, num_rows, shard_size), batch_size, dtype, device, generator, bar
         )
@@ -461,7 +464,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     from diffalign.data import load_preference_dataset
     from diffalign.families import load_family
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     dataset = load_preference_dataset(
         args.data, args.schema, split=args.split, cache_dir=args.hf_cache_dir, resolution=args.resolution,
         crop=args.crop, random_flip=args.random_flip, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
