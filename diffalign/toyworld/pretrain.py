@@ -1,0 +1,723 @@
+"""Recipe for the shipped tiny base models: `python -m diffalign.toyworld.pretrain --family sdxl|sd3`.
+
+Two stages, both on freshly rendered toy scenes (an endless, seeded stream; no data set on disk):
+
+1. a small `AutoencoderKL` (64x64 RGB -> 32x32x4), reconstruction MSE + a small KL term; its
+   `scaling_factor` (and, for SD3, `shift_factor`) are measured on the trained latents;
+2. the denoiser and both CLIP text encoders, trained jointly from scratch with the frozen VAE:
+   - toy-sdxl: `UNet2DConditionModel` with SDXL text_time micro-conditioning, epsilon prediction on the
+     SDXL noise schedule; captions dropped to zero embeddings (as the pipeline's `force_zeros_for_empty_prompt`);
+   - toy-sd3: `SD3Transformer2DModel`, rectified flow (x_t = (1-s) x0 + s noise, target noise - x0,
+     logit-normal s); captions dropped to the empty prompt (what the SD3 pipeline uses as negative).
+   Text is encoded exactly as the diffusers pipelines do (penultimate hidden states, pooled output),
+   which a test checks against `pipeline.encode_prompt`.
+
+An exponential moving average of the weights is what gets evaluated and saved. Every `eval_every` steps
+the real diffusers pipeline generates the toy-GenEval subset and the exact detector scores it with the
+official GenEval rules; loss and scores go to `<state_dir>/log.jsonl`. The run is resumable from
+`<state_dir>/state.pt` (weights-only torch file), and each step's data and noise are seeded by the step
+index, so a resumed run continues the same sequence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diffalign.tokenization import clip_tokenizer
+from diffalign.toyworld import scenes
+
+CHECKPOINT_ROOT = os.path.join(os.path.dirname(__file__), "checkpoints")
+FAMILIES = ("sdxl", "sd3")
+IMAGE_SIZE = 64
+TEXT_HIDDEN = 12  # the 49,408-row embedding dominates each encoder's size: keep the width small
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------
+
+
+def toy_text_config(hidden_size: int = TEXT_HIDDEN):
+    from transformers import CLIPTextConfig
+
+    from diffalign.tokenization import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE
+
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,  # the real token ids, so the real tokenizer works unchanged
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,
+        pad_token_id=CLIP_EOS_ID,
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_attention_heads=2,
+        num_hidden_layers=3,  # the pipelines read the penultimate layer: 2 layers shape the context
+        projection_dim=hidden_size,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+
+
+def toy_vae(family: str):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),  # two levels: latents are 1/2 of the image size
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+        force_upcast=False,
+        shift_factor=0.0 if family == "sd3" else None,
+    )
+
+
+def toy_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 80),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=16,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=1,
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN,  # 6 micro-conditioning ids + pooled text
+        cross_attention_dim=2 * TEXT_HIDDEN,  # both encoders' hidden states, concatenated
+        norm_num_groups=16,
+    )
+
+
+def toy_sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 2,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=24,
+        num_attention_heads=4,
+        caption_projection_dim=96,
+        joint_attention_dim=2 * TEXT_HIDDEN,
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        pos_embed_max_size=IMAGE_SIZE // 4,
+    )
+
+
+def build_components(family: str, seed: int = 0) -> dict:
+    """Randomly initialised toy components for `family`, ready for the diffusers pipeline constructor."""
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    torch.manual_seed(seed)
+    vae = toy_vae(family)
+    torch.manual_seed(seed + 1)
+    te1_cls = CLIPTextModel if family == "sdxl" else CLIPTextModelWithProjection
+    text_encoder = te1_cls(toy_text_config())
+    torch.manual_seed(seed + 2)
+    text_encoder_2 = CLIPTextModelWithProjection(toy_text_config())
+    torch.manual_seed(seed + 3)
+    tok = clip_tokenizer()
+    if family == "sdxl":
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            steps_offset=1,
+            timestep_spacing="leading",
+            prediction_type="epsilon",
+        )
+        return {
+            "unet": toy_unet(),
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer": tok,
+            "tokenizer_2": tok,
+            "scheduler": scheduler,
+            "image_encoder": None,
+            "feature_extractor": None,
+        }
+    return {
+        "transformer": toy_sd3_transformer(),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "text_encoder_3": None,
+        "tokenizer": tok,
+        "tokenizer_2": tok,
+        "tokenizer_3": None,
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+    }
+
+
+def make_pipeline(family: str, components: dict):
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusion3Pipeline
+    pipe = cls(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoiser_of(components: dict) -> torch.nn.Module:
+    return components["unet"] if "unet" in components else components["transformer"]
+
+
+# --------------------------------------------------------------------------------------------
+# Text encoding, exactly as the pipelines do it
+# --------------------------------------------------------------------------------------------
+
+
+class TokenCache:
+    """Caption -> (77,) CLIP ids, padded like the pipelines (max_length, truncation)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            ids = self.tokenizer(
+                missing, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            self.cache.update(zip(missing, ids))
+        return torch.stack([self.cache[c] for c in captions])
+
+
+def encode_text(family: str, text_encoder, text_encoder_2, ids: torch.Tensor, sd3_t5_tokens: int = 256):
+    """(prompt_embeds, pooled) from token ids, as `pipeline.encode_prompt` computes them (no CFG)."""
+    out1 = text_encoder(ids, output_hidden_states=True)
+    out2 = text_encoder_2(ids, output_hidden_states=True)
+    h = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    if family == "sdxl":
+        return h, out2.text_embeds
+    pooled = torch.cat([out1.text_embeds, out2.text_embeds], dim=-1)
+    # Without T5 the SD3 pipeline appends `max_sequence_length` zero tokens of the joint width.
+    zeros = h.new_zeros(h.shape[0], sd3_t5_tokens, h.shape[-1])
+    return torch.cat([h, zeros], dim=1), pooled
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainConfig:
+    family: str = "sdxl"
+    output_dir: str | None = None  # default: diffalign/toyworld/checkpoints/toy-<family>
+    state_dir: str | None = None  # default: runs/toy-<family> (resume state and log.jsonl)
+    seed: int = 0
+    # stage 1: VAE
+    vae_steps: int = 1500
+    vae_batch_size: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-5
+    vae_from: str | None = None  # a saved toy pipeline or VAE folder to reuse instead of stage 1
+    # stage 2: denoiser + text encoders
+    steps: int = 20000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    p_full_caption: float = 0.5
+    # evaluation
+    eval_every: int = 2000
+    eval_per_task: int = 20
+    eval_seed: int = 1234
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.0
+    # bookkeeping
+    save_every: int = 1000
+    log_every: int = 50
+    time_limit_s: float | None = None  # stop (saving) after this much wall time in this process
+    num_workers: int = 0
+    device: str = "auto"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.output_dir is None:
+            self.output_dir = os.path.join(CHECKPOINT_ROOT, f"toy-{self.family}")
+        if self.state_dir is None:
+            self.state_dir = os.path.join("runs", f"toy-{self.family}")
+        for name in ("steps", "batch_size", "vae_batch_size", "save_every", "eval_every", "log_every"):
+            if getattr(self, name) < 0 or (name != "steps" and getattr(self, name) == 0):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+# --------------------------------------------------------------------------------------------
+# Data: an endless seeded stream of rendered scenes
+# --------------------------------------------------------------------------------------------
+
+
+class SceneStream(torch.utils.data.Dataset):
+    """Example `i` is a pure function of (seed, i): workers and resumption do not change the data."""
+
+    def __init__(self, seed: int, p_full_caption: float, length: int = 2**62):
+        self.seed, self.p_full, self.length = seed, p_full_caption, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, int(i)])
+        image, caption, _ = scenes.sample_training_example(rng, IMAGE_SIZE, self.p_full)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        return x, caption
+
+
+def _collate(items):
+    return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+
+def _batches(stream: SceneStream, start_step: int, batch_size: int, num_workers: int):
+    sampler = range(start_step * batch_size, stream.length)
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        persistent_workers=num_workers > 0,
+    )
+    return iter(loader)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def eval_rows(per_task: int) -> list[dict]:
+    rows = []
+    for task in scenes.TASKS:
+        rows += scenes.load_eval_set(task)[:per_task]
+    return rows
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float, batch_size: int = 64):
+    """One image per (prompt, seed); every image has its own seeded generator, so batching changes nothing."""
+    device = pipe.device
+    images = []
+    for s in range(0, len(prompts), batch_size):
+        gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds[s : s + batch_size]]
+        shape = (4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+        latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        out = pipe(
+            prompt=prompts[s : s + batch_size],
+            height=IMAGE_SIZE,
+            width=IMAGE_SIZE,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            latents=latents,
+        )
+        images += out.images
+    return images
+
+
+def toy_geneval(pipe, per_task: int = 20, images_per_prompt: int = 1, seed: int = 1234, num_inference_steps: int = 20, guidance_scale: float = 4.0) -> dict:
+    """Toy-GenEval of a pipeline: per-task accuracy, overall and standard errors (official GenEval rules)."""
+    from diffalign.toyworld.detector import score_images, summarize
+
+    rows = [r for r in eval_rows(per_task) for _ in range(images_per_prompt)]
+    seeds = [seed + i for i in range(len(rows))]
+    images = generate(pipe, [r["prompt"] for r in rows], seeds, num_inference_steps, guidance_scale)
+    return summarize(rows, score_images(images, rows))
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+
+
+def _save_state(path: str, state: dict):
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _log(cfg: PretrainConfig, record: dict):
+    with open(os.path.join(cfg.state_dir, "log.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_vae(cfg: PretrainConfig, vae, device, state: dict) -> None:
+    from tqdm.auto import tqdm
+
+    vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    step = 0
+    if state.get("stage") == "vae":
+        vae.load_state_dict(state["vae"])
+        opt.load_state_dict(state["vae_opt"])
+        step = state["step"]
+    stream = SceneStream(cfg.seed + 10_000, cfg.p_full_caption)
+    batches = _batches(stream, step, cfg.vae_batch_size, cfg.num_workers)
+    bar = tqdm(total=cfg.vae_steps, initial=step, desc="vae", disable=not cfg.progress)
+    t0 = time.time()
+    while step < cfg.vae_steps:
+        x, _ = next(batches)
+        x = x.to(device)
+        post = vae.encode(x).latent_dist
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + step)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec.float(), x.float())
+        kl = post.kl().float().mean() / x[0].numel()
+        loss = mse + cfg.vae_kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.vae_steps:
+            bar.set_postfix(mse=f"{mse.item():.4f}")
+            _log(cfg, {"stage": "vae", "step": step, "mse": mse.item(), "kl": kl.item(), "time": time.time()})
+        if step % cfg.save_every == 0 and step < cfg.vae_steps:
+            _save_state(os.path.join(cfg.state_dir, "state.pt"), {"stage": "vae", "step": step, "vae": vae.state_dict(), "vae_opt": opt.state_dict()})
+        if cfg.time_limit_s is not None and time.time() - t0 > cfg.time_limit_s:
+            _save_state(os.path.join(cfg.state_dir, "state.pt"), {"stage": "vae", "step": step, "vae": vae.state_dict(), "vae_opt": opt.state_dict()})
+            raise TimeoutError(f"time limit reached during VAE training at step {step}; run again to resume")
+    bar.close()
+    vae.eval()
+
+
+@torch.no_grad()
+def calibrate_vae(cfg: PretrainConfig, vae, device) -> None:
+    """Set `scaling_factor` (and SD3's `shift_factor`) so that training latents have unit variance."""
+    stream = SceneStream(cfg.seed + 20_000, cfg.p_full_caption)
+    x = torch.stack([stream[i][0] for i in range(256)]).to(device)
+    z = vae.encode(x).latent_dist.mean.float()
+    shift = float(z.mean()) if cfg.family == "sd3" else 0.0
+    scale = float(1.0 / (z - shift).std())
+    vae.register_to_config(scaling_factor=scale)
+    if cfg.family == "sd3":
+        vae.register_to_config(shift_factor=shift)
+
+
+def _ema_update(ema: dict, model_params: dict, decay: float):
+    with torch.no_grad():
+        for k, p in model_params.items():
+            ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def _trainable(components: dict) -> dict[str, torch.nn.Module]:
+    return {k: components[k] for k in ("unet", "transformer", "text_encoder", "text_encoder_2") if components.get(k) is not None}
+
+
+def _named_params(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    return {f"{m}.{n}": p for m, mod in modules.items() for n, p in mod.named_parameters()}
+
+
+def _swap_in(modules: dict, ema: dict) -> dict:
+    """Copy EMA weights into the modules; return the live weights to restore."""
+    params = _named_params(modules)
+    live = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ema[k])
+    return live
+
+
+def _restore(modules: dict, live: dict):
+    with torch.no_grad():
+        for k, p in _named_params(modules).items():
+            p.copy_(live[k])
+
+
+def training_loss(cfg: PretrainConfig, components: dict, latents: torch.Tensor, ids: torch.Tensor, step: int, device) -> torch.Tensor:
+    """One denoising loss (float32) on a batch of VAE latents and caption ids (dropout applied by the caller)."""
+    b = latents.shape[0]
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 7_919 + step)
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    prompt_embeds, pooled = encode_text(cfg.family, components["text_encoder"], components["text_encoder_2"], ids)
+    if cfg.family == "sdxl":
+        drop = (torch.rand(b, generator=g) < cfg.caption_dropout).to(device)
+        keep = (~drop).float()
+        # The SDXL pipeline's negative prompt is all zeros (force_zeros_for_empty_prompt).
+        prompt_embeds = prompt_embeds * keep[:, None, None]
+        pooled = pooled * keep[:, None]
+        sched = components["scheduler"]
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g).to(device)
+        acp = sched.alphas_cumprod.to(device=device, dtype=torch.float32)[t].view(b, 1, 1, 1)
+        x_t = acp.sqrt() * latents + (1 - acp).sqrt() * noise
+        time_ids = torch.tensor([IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE], device=device, dtype=x_t.dtype).repeat(b, 1)
+        pred = components["unet"](
+            x_t, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
+        target = noise
+    else:
+        u = torch.sigmoid(torch.randn(b, generator=g)).to(device)  # logit-normal sigmas
+        s = u.view(b, 1, 1, 1)
+        x_t = (1 - s) * latents + s * noise
+        pred = components["transformer"](
+            hidden_states=x_t, timestep=u * 1000.0, encoder_hidden_states=prompt_embeds, pooled_projections=pooled
+        ).sample
+        target = noise - latents
+    return F.mse_loss(pred.float(), target.float())
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Run (or resume) the recipe; save the EMA pipeline to `cfg.output_dir`. Returns the last evaluation."""
+    from tqdm.auto import tqdm
+
+    device = _device(cfg.device)
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    state_path = os.path.join(cfg.state_dir, "state.pt")
+    state = torch.load(state_path, map_location="cpu", weights_only=True) if os.path.exists(state_path) else {}
+    if state and state.get("config", {}).get("family", cfg.family) != cfg.family:
+        raise ValueError(f"{state_path} holds a {state['config']['family']} run; use another --state_dir for {cfg.family}")
+    components = build_components(cfg.family, cfg.seed)
+    vae = components["vae"]
+
+    # Stage 1.
+    if state.get("stage") == "denoiser":
+        vae.register_to_config(**state["vae_config"])
+        vae.load_state_dict(state["vae"])
+    elif cfg.vae_from:
+        from diffusers import AutoencoderKL
+
+        sub = os.path.join(cfg.vae_from, "vae")
+        src = AutoencoderKL.from_pretrained(sub if os.path.isdir(sub) else cfg.vae_from)
+        vae.load_state_dict(src.state_dict())
+        calibrate_vae(cfg, vae.to(device), device)
+    else:
+        train_vae(cfg, vae, device, state)
+        calibrate_vae(cfg, vae, device)
+    vae.to(device).eval().requires_grad_(False)
+
+    # Stage 2.
+    modules = _trainable(components)
+    for m in modules.values():
+        m.to(device).train()
+    params = _named_params(modules)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps))
+    ema = {k: p.detach().clone() for k, p in params.items()}
+    step = 0
+    last_eval: dict = {}
+    if state.get("stage") == "denoiser":
+        for k, p in params.items():
+            p.data.copy_(state["params"][k])
+            ema[k].copy_(state["ema"][k])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step = state["step"]
+        last_eval = state.get("last_eval", {})
+
+    def save_state():
+        vae_cfg = {"scaling_factor": vae.config.scaling_factor}
+        if cfg.family == "sd3":
+            vae_cfg["shift_factor"] = vae.config.shift_factor
+        _save_state(
+            state_path,
+            {
+                "stage": "denoiser",
+                "step": step,
+                "config": {k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str))},
+                "vae": vae.state_dict(),
+                "vae_config": vae_cfg,
+                "params": {k: p.detach().cpu() for k, p in params.items()},
+                "ema": {k: v.cpu() for k, v in ema.items()},
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "last_eval": last_eval,
+            },
+        )
+
+    def evaluate() -> dict:
+        live = _swap_in(modules, ema)
+        for m in modules.values():
+            m.eval()
+        pipe = make_pipeline(cfg.family, components)
+        t = time.time()
+        res = toy_geneval(pipe, cfg.eval_per_task, 1, cfg.eval_seed, cfg.num_inference_steps, cfg.guidance_scale)
+        res["eval_seconds"] = time.time() - t
+        _restore(modules, live)
+        for m in modules.values():
+            m.train()
+        return res
+
+    tok = TokenCache(components["tokenizer"])
+    empty_ids = tok([""])
+    stream = SceneStream(cfg.seed, cfg.p_full_caption)
+    batches = _batches(stream, step, cfg.batch_size, cfg.num_workers) if step < cfg.steps else None
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"toy-{cfg.family}", disable=not cfg.progress)
+    t0 = time.time()
+    losses: list[float] = []
+    while step < cfg.steps:
+        x, captions = next(batches)
+        x = x.to(device)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            g = torch.Generator(device="cpu").manual_seed(cfg.seed * 104_729 + step)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+            shift = vae.config.shift_factor or 0.0
+            latents = (z - shift) * vae.config.scaling_factor
+        ids = tok(captions)
+        if cfg.family == "sd3":
+            # SD3's negative prompt is the empty string, so that is what caption dropout trains.
+            drop = torch.rand(len(captions), generator=torch.Generator().manual_seed(cfg.seed * 31 + step)) < cfg.caption_dropout
+            ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
+        loss = training_loss(cfg, components, latents, ids.to(device), step, device)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; lower --lr or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        step += 1
+        _ema_update(ema, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            mean = float(np.mean(losses))
+            losses = []
+            bar.set_postfix(loss=f"{mean:.4f}")
+            _log(cfg, {"stage": cfg.family, "step": step, "loss": mean, "lr": sched.get_last_lr()[0], "time": time.time()})
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            last_eval = {"step": step, **evaluate()}
+            _log(cfg, {"stage": "eval", **last_eval, "time": time.time()})
+            bar.write(
+                f"step {step}: toy-GenEval overall {last_eval['overall']:.3f} +- {last_eval['overall_se']:.3f} "
+                + " ".join(f"{t}={last_eval[t]:.2f}" for t in scenes.TASKS)
+            )
+        out_of_time = cfg.time_limit_s is not None and time.time() - t0 > cfg.time_limit_s
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            save_state()
+        if out_of_time:
+            break
+    bar.close()
+    save_pipeline(cfg, components, modules, ema, step, last_eval)
+    return last_eval
+
+
+def save_pipeline(cfg: PretrainConfig, components: dict, modules: dict, ema: dict, step: int, last_eval: dict) -> str:
+    """Write the EMA weights as a diffusers pipeline (safetensors) plus `toyworld_info.json`."""
+    live = _swap_in(modules, ema)
+    try:
+        for m in modules.values():
+            m.to("cpu").eval()
+        components["vae"].to("cpu")
+        pipe = make_pipeline(cfg.family, components)
+        pipe.save_pretrained(cfg.output_dir, safe_serialization=True)
+    finally:
+        _restore(modules, live)
+    slim_tokenizers(cfg.output_dir)
+    info = {
+        "family": cfg.family,
+        "steps": step,
+        "batch_size": cfg.batch_size,
+        "recipe": f"python -m diffalign.toyworld.pretrain --family {cfg.family} --steps {cfg.steps} --batch_size {cfg.batch_size}",
+        "last_eval": last_eval,
+    }
+    with open(os.path.join(cfg.output_dir, "toyworld_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+    return cfg.output_dir
+
+
+def slim_tokenizers(pipeline_dir: str) -> None:
+    """Keep the tokenizers as vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.6 MB)."""
+    from diffalign.tokenization import clip_tokenizer_files
+
+    src = clip_tokenizer_files()
+    for sub in ("tokenizer", "tokenizer_2"):
+        d = os.path.join(pipeline_dir, sub)
+        if not os.path.isdir(d):
+            continue
+        for name in ("vocab.json", "merges.txt"):
+            with open(os.path.join(src, name), "rb") as fi, open(os.path.join(d, name), "wb") as fo:
+                fo.write(fi.read())
+        tj = os.path.join(d, "tokenizer.json")
+        if os.path.exists(tj):
+            os.remove(tj)
+
+
+def load_toy_pipeline(family: str = "sdxl", path: str | None = None, device: str = "cpu"):
+    """The shipped toy pipeline (`StableDiffusionXLPipeline` or `StableDiffusion3Pipeline`)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    path = path or os.path.join(CHECKPOINT_ROOT, f"toy-{family}")
+    if not os.path.exists(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"no toy-{family} pipeline at {path}; build it with `python -m diffalign.toyworld.pretrain --family {family}`")
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    else:
+        # toy-sd3 has no T5, like SD3 run without it: diffusers wants that said explicitly.
+        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def parse_args(argv=None) -> PretrainConfig:
+    p = argparse.ArgumentParser(prog="python -m diffalign.toyworld.pretrain", description=__doc__.split("\n")[0])
+    casts = {"int": int, "float": float, "str": str}
+    for f in fields(PretrainConfig):
+        if f.name == "extra":
+            continue
+        kind = str(f.type).split("|")[0].strip()
+        if kind == "bool":
+            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        else:
+            p.add_argument(f"--{f.name}", type=casts[kind], default=f.default)
+    args = p.parse_args(argv)
+    return PretrainConfig(**vars(args))
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    res = pretrain(cfg)
+    print(json.dumps({"output_dir": cfg.output_dir, "last_eval": res}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
