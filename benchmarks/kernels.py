@@ -13,7 +13,22 @@ the fused policy/reference pair against 7 unfused). Parity against the eager twi
 CUDA configuration (float32 tolerance for values, one bf16/fp16 rounding step for gradients).
 
 Self-contained: runs from a checkout without installing (adds the repository root to sys.path).
-Writes DIR/kernels.json and prints a table.
+Writes DIR/kernels.json and prints a table. Two timings per implementation: "host" (events around eager
+calls; bound by Python/launch overhead at these sizes, ~0.3-0.8 ms for every implementation) and "gpu"
+(CUDA-graph replay: the device time the step costs when it queues behind the denoiser, as in training).
+
+Measured 2026-11-26, H100 80GB HBM3, torch 2.11 / triton 3.6, default launch parameters, GPU time per
+fwd+bwd step (effective GB/s at 5 passes; device-to-device copy ceiling 3.0 TB/s):
+    shape / dtype               torch eager       triton              torch.compile     peak extra mem
+    SDXL 8x4x128x128  fp32      26.3 us           8.3 us (1.27 TB/s)  8.2 us            10 -> 2 MiB
+    SDXL 8x4x128x128  bf16      35.7 us           7.1 us              6.7 us            10 -> 1 MiB
+    SDXL 64x4x128x128 bf16      117.2 us          17.7 us (2.37 TB/s) 19.6 us           80 -> 8 MiB
+    SD3  64x16x128x128 fp32     358.0 us          121.1 us (2.77 TB/s) 162.4 us         320 -> 64 MiB
+    SD3  64x16x128x128 bf16     499.6 us          62.3 us (2.69 TB/s) 63.8 us           320 -> 32 MiB
+Fused policy/reference pair vs two Triton calls (GPU time): 13.0 -> 10.8 us (SDXL 8 fp32),
+47.6 -> 41.5 (SDXL 64 fp32), 25.0 -> 21.1 (SDXL 64 bf16), 168.8 -> 144.8 (SD3 64 fp32),
+90.7 -> 74.8 us (SD3 64 bf16): 10-22 % less, and one launch fewer on the host. The sweep of block
+sizes / grid targets found nothing more than 2 % better than the defaults.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ environment sets TRITON_INTERPRET=1 from the start; it prints the measured diffe
 parametrised tests below assert on them case by case. One subprocess keeps the cost (import torch once,
 about 2 s, plus ~10 s of interpreted kernels) low. Cases are fp32 (the interpreter has no bf16
 arithmetic) plus one fp16-pred case, which numpy handles.
+
+Known environment limit: triton 3.6's interpreter with numpy 2.5 fails on any runtime loop bound
+("only 0-dimensional arrays can be converted to Python scalars", seen on the GPU image); triton 3.8,
+which this project installs, works. The compiled kernels are checked by test_cuda_triton_matches_torch.
 """
 
 from __future__ import annotations
