@@ -4,7 +4,8 @@ A faithful re-implementation of the rules in the official `evaluation/evaluate_i
 (github.com/djghosh13/geneval, Ghosh et al. 2023). Same thresholds, same order of operations,
 same `reason` strings. Quirks of the official code that we reproduce on purpose:
 
-- Confidence filter is strict (`score > threshold`); counting prompts use `counting_threshold`
+- Confidence filter is strict (`score > threshold`, compared in float32 as numpy does for mmdet's
+  float32 scores); counting prompts use `counting_threshold`
   (0.9) for every class of the prompt, include AND exclude clauses alike.
 - Per class: sort by score (descending), keep `score > threshold`, cap to `max_objects`, THEN the
   greedy IoU suppression runs on what is left (so the cap applies before NMS). Ties in score are
@@ -119,9 +120,10 @@ def filter_detections(
             _check_detection(name, i, det)
         if not dets:
             continue
-        scores = np.asarray([float(d["score"]) for d in dets], dtype=np.float64)
+        # float32, like the official comparison of mmdet's float32 scores with a Python float.
+        scores = np.asarray([float(d["score"]) for d in dets], dtype=np.float32)
         order = np.argsort(scores, kind="stable")[::-1]
-        order = [int(i) for i in order if scores[i] > confidence][:max_objects]
+        order = [int(i) for i in order if scores[i] > np.float32(confidence)][:max_objects]
         chosen: list[Mapping] = []
         while order:
             best = order.pop(0)
