@@ -152,6 +152,33 @@ def test_sources_folder_disk_and_in_memory(tmp_path, hf_cache):
         PairwiseDataset(tmp_path / "empty")
 
 
+def test_hub_id_goes_to_load_dataset(monkeypatch):
+    """A non-existent 'owner/name' is a hub id: handed to datasets.load_dataset with the split (mocked: no network)."""
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, split=None, cache_dir=None):
+        calls.append((name, split))
+        return datasets.Dataset(pairwise_table())
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = PairwiseDataset("someone/pickapic_v2", resolution=8, split="validation_unique")
+    assert calls == [("someone/pickapic_v2", "validation_unique")] and len(ds) == 3
+
+
+def test_image_feature_columns(tmp_path):
+    """Columns typed datasets.Image() (struct {bytes, path}) decode like raw bytes."""
+    import datasets
+
+    features = datasets.Features({"caption": datasets.Value("string"), "jpg_0": datasets.Image(),
+                                  "jpg_1": datasets.Image(), "label_0": datasets.Value("float64")})
+    hf = datasets.Dataset.from_dict({"caption": ["x"], "jpg_0": [{"bytes": png(GREEN), "path": None}],
+                                     "jpg_1": [{"bytes": png(BLUE), "path": None}], "label_0": [0.0]}, features=features)
+    item = PairwiseDataset(hf, resolution=8)[0]
+    assert color_of(item["pixel_values"][0]) == BLUE and color_of(item["pixel_values"][1]) == GREEN
+
+
 # ---- ranked ---------------------------------------------------------------------------------------------------
 def test_ranked_groups_keep_order_and_phi(tmp_path, hf_cache):
     ds = load_preference_dataset(write(ranked_table(), tmp_path / "r.parquet"), resolution=16, cache_dir=hf_cache)
@@ -190,6 +217,9 @@ def test_missing_column_and_wrong_type_name_the_column(tmp_path, hf_cache):
     ranked = ranked_table().drop_columns(["phi"])
     with pytest.raises(DataError, match="column 'phi': missing column"):
         RankedDataset(write(ranked, tmp_path / "c.parquet"), cache_dir=hf_cache)
+    paths = ranked_table().set_column(2, "images", pa.array([["a.png"] * 3] * 4, pa.list_(pa.string())))
+    with pytest.raises(DataError, match=r"column 'images': has Arrow type list<item: string>, expected list<binary>"):
+        RankedDataset(write(paths, tmp_path / "d.parquet"), cache_dir=hf_cache)
 
 
 def test_corrupt_image_names_row_and_column(tmp_path, hf_cache):
