@@ -1,0 +1,292 @@
+"""PPD training glue: what the trainer's `ppd` mode calls, user splits, and synthetic users.
+
+PPD is pairwise Diffusion-DPO in which the policy is the denoiser conditioned on the user's embedding
+(computed from that user's held-apart context pairs) and the reference is the same denoiser with user
+attention off (and LoRA off, when LoRA co-trains). `PPDConditioning` implements the trainer's
+`ConditioningHook` interface (duck-typed: policy_context / reference_context / trainable_parameters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from diffalign.personalization.attention import (
+    add_user_attention,
+    has_user_attention,
+    save_user_attention,
+    user_attention_disabled,
+    user_attention_parameters,
+    user_condition,
+)
+from diffalign.personalization.encoder import UserEmbeddingCache, UserEncoder, UserExample
+
+logger = logging.getLogger(__name__)
+
+
+class PPDConditioning:
+    """The trainer's conditioning hook for `objective: ppd`.
+
+    contexts: user_id -> that user's context examples (held apart from its training pairs).
+    user_dropout: probability that a group trains with the null user (its policy equals the
+    reference there; useful when LoRA co-trains, so LoRA also learns the user-free preference).
+    Dropout draws are a pure function of (seed, prompt_ids, user_ids) of the batch, so a resumed run
+    replays them.
+    """
+
+    def __init__(
+        self,
+        encoder: UserEncoder,
+        contexts: dict[str, Sequence[UserExample]],
+        user_dropout: float = 0.0,
+        seed: int = 0,
+        train_encoder_head: bool = True,
+    ):
+        if not 0.0 <= user_dropout < 1.0:
+            raise ValueError(f"user_dropout must be in [0, 1), got {user_dropout}")
+        if not contexts:
+            raise ValueError("PPD needs at least one user with context examples")
+        for user, examples in contexts.items():
+            if len(examples) == 0:
+                raise ValueError(f"user {user!r} has no context examples")
+        self.encoder = encoder
+        self.contexts = dict(contexts)
+        self.user_dropout = user_dropout
+        self.seed = seed
+        self.train_encoder_head = train_encoder_head
+        self.cache = UserEmbeddingCache(encoder)  # frozen backbone features, computed once per user
+        self.model = None
+        self.null_rows = 0  # groups trained with the null user (dropout)
+
+    def attach(self, model, token_dim: int | None = None, scale: float = 1.0, seed: int | None = 0):
+        """Install user attention on the denoiser (if missing); call before building the trainer."""
+        if not has_user_attention(model):
+            add_user_attention(model, encoder_dim=self.encoder.dim, token_dim=token_dim, scale=scale, seed=seed)
+        self.model = model
+        return model
+
+    def user_embeddings(self, user_ids: Sequence[str]) -> torch.Tensor:
+        """(B, T, D) embeddings with gradient into the encoder head; the backbone features are cached."""
+        missing = [u for u in user_ids if u not in self.contexts]
+        if missing:
+            raise KeyError(f"users without context examples: {missing[:5]}; split the data with split_users first")
+        features = [self.cache.features(u, self.contexts[u]) for u in user_ids]
+        stacked, mask = self.encoder.stack_features(features)
+        device = next(self.encoder.head.parameters()).device
+        return self.encoder.pool(stacked.to(device), mask.to(device))
+
+    def _keep(self, batch) -> torch.Tensor:
+        b = len(batch["user_ids"])
+        if self.user_dropout == 0.0:
+            return torch.ones(b)
+        key = "|".join(map(str, batch.get("prompt_ids", []))) + "#" + "|".join(map(str, batch["user_ids"]))
+        digest = int(hashlib.sha256(f"{self.seed}:{key}".encode()).hexdigest()[:15], 16)
+        g = torch.Generator().manual_seed(digest)
+        keep = (torch.rand(b, generator=g) >= self.user_dropout).float()
+        self.null_rows += int((keep == 0).sum())
+        return keep
+
+    def policy_context(self, model, batch):
+        """Condition each sample of the B x k batch on its group's user."""
+        user_ids = batch["user_ids"]
+        if any(u is None for u in user_ids):
+            raise ValueError("a PPD batch has rows without user_id; filter them out (split_users does)")
+        k = batch["scores"].shape[1]
+        embedding = self.user_embeddings(list(user_ids))
+        keep = self._keep(batch).to(embedding.device)
+        return user_condition(model, embedding.repeat_interleave(k, dim=0), row_weight=keep.repeat_interleave(k))
+
+    def reference_context(self, model, batch):
+        return user_attention_disabled(model)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """User-attention weights (+ the encoder head); sets requires_grad on them."""
+        if self.model is None:
+            raise ValueError("call PPDConditioning.attach(denoiser) before building the trainer")
+        params = user_attention_parameters(self.model)
+        if self.train_encoder_head:
+            params += self.encoder.head_parameters()
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def save(self, output_dir: str) -> None:
+        import os
+
+        os.makedirs(output_dir, exist_ok=True)
+        save_user_attention(self.model, os.path.join(output_dir, "user_attention.safetensors"))
+        self.encoder.save_head(os.path.join(output_dir, "user_encoder_head.safetensors"))
+
+
+# -------------------------------------------------------------------------------------------- user splits
+
+
+@dataclass
+class UserSplit:
+    """Row indices of a pairwise data set grouped by user.
+
+    Train and test users are disjoint. Each user's first `num_context` pairs (in a seeded shuffle)
+    are its context examples; the rest are its training (or evaluation) pairs.
+    """
+
+    train_users: list[str]
+    test_users: list[str]
+    context_rows: dict[str, list[int]]
+    pair_rows: dict[str, list[int]]
+    filtered_users: int = 0
+    filtered_rows: int = 0
+    rows_without_user: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def train_rows(self) -> list[int]:
+        return sorted(i for u in self.train_users for i in self.pair_rows[u])
+
+    def test_rows(self) -> list[int]:
+        return sorted(i for u in self.test_users for i in self.pair_rows[u])
+
+
+def split_users(
+    user_ids: Sequence[str | None],
+    num_context: int = 4,
+    min_pairs: int = 8,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    labels: Sequence[float] | None = None,
+) -> UserSplit:
+    """Group rows by `user_id`, drop users with fewer than `min_pairs` rows (logged and counted),
+    split users into disjoint train/test sets, and hold `num_context` pairs per user apart as context.
+
+    Rows without a user id are counted in `rows_without_user` and left out. With `labels` (label_0),
+    ties (0.5) are never used as context examples: a context pair must say which image was preferred.
+    """
+    if num_context < 1:
+        raise ValueError(f"num_context must be >= 1, got {num_context}")
+    if min_pairs <= num_context:
+        raise ValueError(f"min_pairs ({min_pairs}) must exceed num_context ({num_context}) to leave training pairs")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    rows: dict[str, list[int]] = {}
+    without = 0
+    for i, u in enumerate(user_ids):
+        if u is None or u == "":
+            without += 1
+            continue
+        rows.setdefault(str(u), []).append(i)
+    kept = {u: r for u, r in rows.items() if len(r) >= min_pairs}
+    filtered_users = len(rows) - len(kept)
+    filtered_rows = sum(len(r) for u, r in rows.items() if u not in kept)
+    logger.info(
+        "split_users: %d users kept, %d users with < %d pairs filtered (%d rows), %d rows without user_id",
+        len(kept), filtered_users, min_pairs, filtered_rows, without,
+    )
+    if not kept:
+        raise ValueError(f"no user has >= {min_pairs} pairs ({len(rows)} users in total); lower min_pairs")
+    rng = random.Random(seed)
+    users = sorted(kept)
+    rng.shuffle(users)
+    n_test = int(round(len(users) * test_fraction))
+    if test_fraction > 0 and n_test == 0 and len(users) > 1:
+        n_test = 1
+    test_users, train_users = sorted(users[:n_test]), sorted(users[n_test:])
+    if not train_users:
+        raise ValueError("no training users left after the test split; lower test_fraction")
+    context_rows, pair_rows = {}, {}
+    for u in users:
+        order = list(kept[u])
+        rng.shuffle(order)
+        decisive = [i for i in order if labels is None or labels[i] != 0.5]
+        if len(decisive) < num_context:
+            raise ValueError(f"user {u!r} has only {len(decisive)} non-tie pairs, fewer than num_context={num_context}")
+        context_rows[u] = sorted(decisive[:num_context])
+        held = set(context_rows[u])
+        pair_rows[u] = sorted(i for i in order if i not in held)
+    return UserSplit(
+        train_users, test_users, context_rows, pair_rows, filtered_users, filtered_rows, without,
+        stats={"users": len(rows), "kept_users": len(kept), "train_users": len(train_users), "test_users": len(test_users)},
+    )
+
+
+def contexts_from_dataset(dataset, split: UserSplit) -> dict[str, list[UserExample]]:
+    """Context examples per user from a pairwise data set whose items carry pixel_values (2, 3, H, W),
+    scores (2,) and prompt (the data room's item format): chosen is the higher-scored image."""
+    contexts = {}
+    for user, rows in split.context_rows.items():
+        examples = []
+        for i in rows:
+            item = dataset[i]
+            scores = item["scores"]
+            if float(scores[0]) == float(scores[1]):
+                raise ValueError(f"row {i} of user {user!r} is a tie and cannot be a context example")
+            w, l = (0, 1) if float(scores[0]) > float(scores[1]) else (1, 0)
+            examples.append(UserExample(item["prompt"], item["pixel_values"][w], item["pixel_values"][l]))
+        contexts[user] = examples
+    return contexts
+
+
+# ---------------------------------------------------------------------------------------- synthetic users
+
+
+def _channel_reward(weights: tuple[float, float, float]) -> Callable:
+    w = torch.tensor(weights, dtype=torch.float32)
+
+    def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return (images.float().mean(dim=(2, 3)) * w.to(images.device)).sum(dim=1)
+
+    return reward
+
+
+# Pixel-statistics rewards for offline toy runs: images are (N, 3, H, W) in [-1, 1].
+TOY_REWARDS: dict[str, Callable] = {
+    "toy_red": _channel_reward((1.0, -0.5, -0.5)),
+    "toy_blue": _channel_reward((-0.5, -0.5, 1.0)),
+    "toy_green": _channel_reward((-0.5, 1.0, -0.5)),
+    "toy_bright": _channel_reward((1 / 3, 1 / 3, 1 / 3)),
+}
+
+
+class SyntheticUser:
+    """A user whose preference is a weighted mixture of rewards (the paper's multi-reward users).
+
+    rewards: {name: weight}; names are TOY_REWARDS keys or `diffalign.rewards` registry names
+    (loaded with `reward_kwargs`). Each reward is standardised over the scored batch before mixing
+    when `standardize=True`, so weights compare rewards on an equal footing.
+    """
+
+    def __init__(self, name: str, rewards: dict[str, float], standardize: bool = False, reward_kwargs: dict | None = None):
+        if not rewards:
+            raise ValueError("a synthetic user needs at least one reward")
+        self.name, self.weights, self.standardize = name, dict(rewards), standardize
+        self._models = {}
+        for reward in rewards:
+            if reward in TOY_REWARDS:
+                self._models[reward] = TOY_REWARDS[reward]
+            else:
+                from diffalign import rewards as registry
+
+                if reward not in registry.available():
+                    raise ValueError(f"unknown reward {reward!r}; choose from {sorted(TOY_REWARDS) + registry.available()}")
+                model = registry.load(reward, **(reward_kwargs or {}).get(reward, {}))
+                self._models[reward] = model.score
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        total = torch.zeros(images.shape[0])
+        for reward, weight in self.weights.items():
+            s = self._models[reward](images, list(prompts)).float().cpu()
+            if self.standardize and s.numel() > 1:
+                s = (s - s.mean()) / s.std().clamp_min(1e-6)
+            total += weight * s
+        return total
+
+    def prefers(self, images_a: torch.Tensor, images_b: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(N,) bool: this user prefers image a over image b (scored without batch standardisation)."""
+        standardize, self.standardize = self.standardize, False
+        try:
+            return self.score(images_a, prompts) > self.score(images_b, prompts)
+        finally:
+            self.standardize = standardize
