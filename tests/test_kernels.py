@@ -370,5 +370,26 @@ def test_cuda_triton_matches_torch(dtype, shape):
     assert K.resolve_backend("auto", pred, target) == "triton" or os.environ.get(K.ENV_VAR) == "torch"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_pair_matches_torch(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    shape = (8, 4, 128, 128)
+    policy, ref, target = (torch.randn(shape, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    weight = torch.rand(8, device="cuda", generator=gen)
+    g = torch.randn(8, device="cuda", generator=gen)
+    res = {}
+    for backend in ("torch", "triton"):
+        p = policy.clone().requires_grad_(True)
+        e_pol, e_ref = K.per_sample_error_pair(p, ref, target, weight, backend=backend)
+        e_pol.backward(g)
+        res[backend] = (e_pol.detach(), e_ref, p.grad)
+    assert not res["triton"][1].requires_grad
+    torch.testing.assert_close(res["triton"][0], res["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res["triton"][1], res["torch"][1], rtol=1e-5, atol=1e-6)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(res["triton"][2], res["torch"][2], rtol=tol, atol=tol * 1e-3)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret-child"]:
     print(json.dumps(_run_interpret_cases()))
