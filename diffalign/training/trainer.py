@@ -37,6 +37,11 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
+class _NonFinite(Exception):
+    def __init__(self, value: float):
+        self.value = value
+
+
 class ConditioningHook:
     """How PPD plugs in: a context for the policy forward (user conditioning on) and one for the
     reference forward (user attention off). The default does nothing. `trainable_parameters`
@@ -360,6 +365,12 @@ class PreferenceTrainer:
         with self._policy_context(batch), acc.autocast():
             pred = adapter.predict(self.denoiser, x_t, t, text, micro)
         err_policy = per_sample_error(pred, target, weight).view(b, k)
+        # A NaN/inf error must stop every process at the same step, before the objective rejects it.
+        bad = (~torch.isfinite(err_policy.detach())).any()
+        if err_ref is not None:
+            bad = bad | (~torch.isfinite(err_ref)).any()
+        if acc.reduce(bad.float().reshape(1), reduction="sum").item() > 0:
+            raise _NonFinite(float("nan"))
         kwargs = {}
         if cfg.loss_name == "rankdpo":
             kwargs = {"weighting": cfg.rank_weighting, "discount_from": cfg.discount_from}
@@ -482,10 +493,13 @@ class PreferenceTrainer:
                 sync = j == accum - 1
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(self.denoiser)
                 with ctx:
-                    loss, metrics = self.compute_loss(batch, micro_step)
-                    global_loss = acc.reduce(loss.detach(), reduction="mean")
-                    if not torch.isfinite(global_loss):
-                        self._fail_non_finite(step + 1, micro_step, float(global_loss))
+                    try:
+                        loss, metrics = self.compute_loss(batch, micro_step)
+                        global_loss = acc.reduce(loss.detach().reshape(1), reduction="mean")
+                        if not torch.isfinite(global_loss).all():
+                            raise _NonFinite(float(global_loss))
+                    except _NonFinite as e:
+                        self._fail_non_finite(step + 1, micro_step, e.value)
                     acc.backward(loss / accum)
                 micro_step += 1
                 # One all-reduce for the loss and every metric.

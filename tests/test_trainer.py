@@ -1,0 +1,274 @@
+"""The preference trainer on tiny offline models: config handling, LoRA and full runs for SDXL+DPO
+and SD3+RankDPO, loadable outputs, atomic checkpoints, deterministic resume, non-finite stops."""
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from diffalign.training import ConditioningHook, NonFiniteLossError, PreferenceTrainer, TrainConfig
+from diffalign.training import checkpoint as ckpt
+from diffalign.training.synthetic import SyntheticPreferenceDataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": REPO}
+
+
+def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
+    values = dict(
+        pretrained_model_name_or_path="tiny:sdxl", objective="dpo", beta=100.0, dataset="synthetic:pairs:16",
+        resolution=64, tuning="lora", lora_rank=4, train_batch_size=2, learning_rate=1e-3, max_train_steps=3,
+        checkpointing_steps=0, report_to="none", progress_bar=False, output_dir=str(tmp_path / name),
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_losses(output_dir) -> dict[int, float]:
+    out = {}
+    with open(os.path.join(output_dir, "losses.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            out[row["step"]] = row["loss"]  # a replayed step (after a resume) overwrites the killed run's entry
+    return out
+
+
+# --- config ------------------------------------------------------------------------------------
+def test_config_yaml_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("objective: rankdpo\nlearning_rate: 1.0e-6\nmax_train_steps: 7\nvalidation_prompts: [a, b]\n")
+    cfg = TrainConfig.from_yaml(str(path), ["learning_rate=3e-5", "tuning=full"])
+    assert cfg.objective == "rankdpo" and cfg.learning_rate == 3e-5 and cfg.tuning == "full" and cfg.max_train_steps == 7
+    assert cfg.validation_prompts == ["a", "b"] and isinstance(cfg.learning_rate, float)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rat'\]. Valid keys: .*learning_rate"):
+        TrainConfig.from_yaml(str(path), ["learning_rat=1"])
+    with pytest.raises(ValueError, match="max_train_steps expects an integer"):
+        TrainConfig.from_yaml(None, ["max_train_steps=abc"])
+    with pytest.raises(ValueError, match="objective='dpa' is not one of"):
+        TrainConfig.from_yaml(None, ["objective=dpa"])
+    with pytest.raises(ValueError, match="key=value"):
+        TrainConfig.from_yaml(None, ["learning_rate"])
+    with pytest.raises(FileNotFoundError, match="train/configs"):
+        TrainConfig.from_yaml(str(tmp_path / "missing.yaml"))
+
+
+def test_shipped_configs_load():
+    paths = sorted(glob.glob(os.path.join(REPO, "train", "configs", "*.yaml")))
+    names = {os.path.basename(p) for p in paths}
+    assert {"sdxl_dpo.yaml", "sdxl_rankdpo.yaml", "sd3_rankdpo.yaml", "tiny_sdxl_dpo.yaml", "tiny_sd3_rankdpo.yaml"} <= names
+    for path in paths:
+        cfg = TrainConfig.from_yaml(path)
+        assert cfg.beta > 0
+    real = TrainConfig.from_yaml(os.path.join(REPO, "train", "configs", "sdxl_dpo.yaml"))
+    assert real.beta == 5000.0 and real.learning_rate == 1e-8 and real.scale_lr
+    assert real.train_batch_size * real.gradient_accumulation_steps * 8 == 2048
+
+
+def test_checkpoint_latest_ignores_partial_saves(tmp_path):
+    out = str(tmp_path)
+    done = ckpt.temporary_dir(out, 3)
+    os.makedirs(done)
+    ckpt.finalize(done, out, 3, {"global_step": 3})
+    os.makedirs(ckpt.temporary_dir(out, 6))  # a save killed before its rename
+    os.makedirs(os.path.join(out, "checkpoint-9"))  # no trainer_state.json: not a checkpoint
+    assert ckpt.latest_checkpoint(out) == os.path.join(out, "checkpoint-3")
+    assert ckpt.resolve_resume("latest", out) == os.path.join(out, "checkpoint-3")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(os.path.join(out, "checkpoint-9"), out)
+    ckpt.clean_temporary(out)
+    assert not os.path.exists(ckpt.temporary_dir(out, 6))
+
+
+# --- runs ----------------------------------------------------------------------------------------
+class RecordingHook(ConditioningHook):
+    def __init__(self):
+        self.calls = []
+
+    def policy_context(self, model, batch):
+        self.calls.append("policy")
+        return super().policy_context(model, batch)
+
+    def reference_context(self, model, batch):
+        self.calls.append("reference")
+        return super().reference_context(model, batch)
+
+
+def test_sdxl_dpo_lora_run_saves_loadable_lora(tmp_path):
+    from diffalign.testing import tiny_sdxl_pipeline
+
+    cfg = tiny(tmp_path, report_to="tensorboard", validation_steps=3, validation_prompts=["a red square"],
+               validation_num_inference_steps=1)
+    hook = RecordingHook()
+    trainer = PreferenceTrainer(cfg, conditioning=hook)
+    summary = trainer.train()
+    out = cfg.output_dir
+    losses = read_losses(out)
+    assert sorted(losses) == [1, 2, 3]
+    # LoRA starts at B=0: policy == reference, so the first DPO loss is exactly log 2.
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(v) for v in losses.values()) and losses[3] != losses[1]
+    assert hook.calls[:2] == ["reference", "policy"] and len(hook.calls) == 6
+    with open(os.path.join(out, "training_summary.json")) as f:
+        saved = json.load(f)
+    assert saved["global_step"] == 3 and saved["final_loss"] == summary["final_loss"]
+    assert "implicit_acc" in saved["final_metrics"] and "rewards/margin" in saved["final_metrics"]
+    assert glob.glob(os.path.join(out, "logs", "**", "events.out.tfevents*"), recursive=True)
+    assert os.path.isfile(os.path.join(out, "validation", "step-000003.png"))
+
+    # The saved LoRA loads into a fresh pipeline, changes its denoiser, and reproduces the trained one.
+    pipe = tiny_sdxl_pipeline(cfg.model_seed)
+    adapter = trainer.adapter
+    text = adapter.encode_prompts(["a red square"])
+    micro = adapter.micro_conditioning(torch.tensor([[64, 64]]), torch.tensor([[0, 0]]), (64, 64))
+    x, t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
+    with torch.no_grad():
+        base = adapter.predict(pipe.unet, x, t, text, micro)
+        pipe.load_lora_weights(out)
+        loaded = adapter.predict(pipe.unet, x, t, text, micro)
+        ours = adapter.predict(trainer.unwrapped, x, t, text, micro)
+    assert not torch.allclose(base, loaded, atol=1e-5)
+    torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_sdxl_dpo_full_finetune(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    cfg = tiny(tmp_path, tuning="full", learning_rate=1e-4, max_train_steps=2)
+    trainer = PreferenceTrainer(cfg)
+    assert trainer.reference is not None and not any(p.requires_grad for p in trainer.reference.parameters())
+    before = {k: v.clone() for k, v in trainer.reference.state_dict().items()}
+    trainer.train()
+    saved = UNet2DConditionModel.from_pretrained(os.path.join(cfg.output_dir, "unet"))
+    diff = max((saved.state_dict()[k] - before[k]).abs().max().item() for k in before)
+    assert diff > 0  # the policy moved ...
+    torch.testing.assert_close(trainer.reference.state_dict()["conv_in.weight"], before["conv_in.weight"])  # ... the reference did not
+    losses = read_losses(cfg.output_dir)
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_sd3_rankdpo_runs(tmp_path, tuning):
+    from diffalign.testing import tiny_sd3_pipeline
+
+    cfg = tiny(tmp_path, pretrained_model_name_or_path="tiny:sd3", objective="rankdpo", dataset="synthetic:ranked:12:3",
+               resolution=32, tuning=tuning, max_train_steps=2, learning_rate=1e-3 if tuning == "lora" else 1e-4)
+    summary = PreferenceTrainer(cfg).train()
+    assert summary["family"] == "sd3" and summary["loss_name"] == "rankdpo"
+    assert "rank_corr" in summary["final_metrics"] and math.isfinite(summary["final_loss"])
+    if tuning == "lora":
+        pipe = tiny_sd3_pipeline(cfg.model_seed)
+        gen = lambda: pipe("a red square", num_inference_steps=2, height=32, width=32, output_type="np",  # noqa: E731
+                           generator=torch.Generator().manual_seed(0)).images
+        before = gen()
+        pipe.load_lora_weights(cfg.output_dir)
+        assert not torch.allclose(torch.from_numpy(before), torch.from_numpy(gen()), atol=1e-5)
+    else:
+        assert os.path.isfile(os.path.join(cfg.output_dir, "transformer", "config.json"))
+
+
+class NanAfter(SyntheticPreferenceDataset):
+    """Groups turn NaN from the `bad_from`-th item read on (batch 1, no workers: step = item)."""
+
+    def __init__(self, bad_from, **kw):
+        super().__init__(**kw)
+        self.bad_from, self.reads = bad_from, 0
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)
+        self.reads += 1
+        if self.reads >= self.bad_from:
+            item["pixel_values"] = torch.full_like(item["pixel_values"], float("nan"))
+        return item
+
+
+def test_non_finite_loss_names_the_step_and_keeps_checkpoint(tmp_path):
+    cfg = tiny(tmp_path, train_batch_size=1, max_train_steps=5, checkpointing_steps=2)
+    trainer = PreferenceTrainer(cfg, train_dataset=NanAfter(3, num_groups=8, resolution=64))
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*checkpoint-2"):
+        trainer.train()
+    assert ckpt.latest_checkpoint(cfg.output_dir).endswith("checkpoint-2")
+    with open(os.path.join(cfg.output_dir, "training_summary.json")) as f:
+        assert json.load(f)["status"] == "non_finite_loss"
+
+
+def test_ppd_needs_a_conditioning_hook(tmp_path):
+    with pytest.raises(ValueError, match="ConditioningHook"):
+        PreferenceTrainer(tiny(tmp_path, objective="ppd"))
+
+
+def test_missing_optional_backends_fail_clearly(tmp_path):
+    pytest.importorskip("peft")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="bitsandbytes"):
+            PreferenceTrainer(tiny(tmp_path, optimizer="adamw8bit"))
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"diffalign\[xformers\]"):
+            PreferenceTrainer(tiny(tmp_path, attention_backend="xformers"))
+
+
+# --- processes -----------------------------------------------------------------------------------
+def _train_cmd(out, *extra):
+    return [sys.executable, os.path.join(REPO, "train", "train.py"), "--config",
+            os.path.join(REPO, "train", "configs", "tiny_sdxl_dpo.yaml"), f"output_dir={out}", "report_to=none",
+            "validation_steps=0", "progress_bar=false", "dataset=synthetic:pairs:16", *extra]
+
+
+def test_killed_and_resumed_run_reproduces_losses(tmp_path):
+    common = ["max_train_steps=6", "checkpointing_steps=2", "lora_rank=4"]
+    # Uninterrupted reference run, in-process.
+    ref_out = tmp_path / "ref"
+    cfg = TrainConfig.from_yaml(os.path.join(REPO, "train", "configs", "tiny_sdxl_dpo.yaml"),
+                                [f"output_dir={ref_out}", "report_to=none", "validation_steps=0", "progress_bar=false",
+                                 "dataset=synthetic:pairs:16", *common])
+    PreferenceTrainer(cfg).train()
+    expected = read_losses(ref_out)
+
+    # The same run in a subprocess, SIGKILLed once it has passed checkpoint-2.
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(out, *common), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(out / "losses.jsonl") and max(read_losses(out), default=0) >= 3:
+            proc.kill()
+            killed = True
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert ckpt.latest_checkpoint(str(out)) is not None
+    partial = read_losses(out)
+    assert max(partial) < 6
+
+    resumed = TrainConfig.from_yaml(os.path.join(REPO, "train", "configs", "tiny_sdxl_dpo.yaml"),
+                                    [f"output_dir={out}", "report_to=none", "validation_steps=0", "progress_bar=false",
+                                     "dataset=synthetic:pairs:16", "resume_from_checkpoint=latest", *common])
+    summary = PreferenceTrainer(resumed).train()
+    assert summary["resumed_from_step"] >= 2
+    got = read_losses(out)
+    assert sorted(got) == sorted(expected) == list(range(1, 7))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+
+
+def test_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+           *_train_cmd(out, "max_train_steps=2", "checkpointing_steps=0", "train_batch_size=1")[1:]]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(out / "training_summary.json") as f:
+        summary = json.load(f)
+    assert summary["num_processes"] == 2 and summary["global_step"] == 2
+    assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
