@@ -268,3 +268,48 @@ def test_differentiable_path_matches_pil_and_has_gradients(tiny_clip):
 def test_imagereward_missing_extra_is_clear():
     with pytest.raises(ImportError, match="pip install image-reward"):
         rewards.load("imagereward")
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_report_summary_and_win_rates():
+    from diffalign.rewards.report import summarize, win_rates
+
+    s = summarize({"r": [1.0, 2.0, 3.0, 6.0]})["r"]
+    # mean 3; sample variance (4 + 1 + 0 + 9) / 3 = 14/3; stderr = sqrt(14/3) / 2
+    assert s["n"] == 4 and s["mean"] == pytest.approx(3.0) and s["stderr"] == pytest.approx((14 / 3) ** 0.5 / 2)
+    w = win_rates({"r": [1.0, 2.0, 3.0]}, {"r": [0.0, 2.0, 4.0]})["r"]
+    assert (w["wins"], w["losses"], w["ties"], w["win_rate"]) == (1, 1, 1, pytest.approx(0.5))
+    with pytest.raises(ValueError, match="matched"):
+        win_rates({"r": [1.0]}, {"r": [1.0, 2.0]})
+
+
+def test_eval_script_scores_folders_and_compares(tmp_path, capsys):
+    import importlib.util
+    import json
+    import pathlib
+
+    from diffalign.rewards.report import save_image_folder
+
+    names = [f"{i}.png" for i in range(4)]
+    set_a, set_b = _images(4, seed=10, sizes=((64, 64),)), _images(4, seed=11, sizes=((64, 64),))
+    save_image_folder(str(tmp_path / "a"), names, set_a, PROMPTS)
+    save_image_folder(str(tmp_path / "b"), names[::-1], set_b[::-1], PROMPTS[::-1])  # other order, same keys
+    script = pathlib.Path(__file__).resolve().parents[1] / "eval" / "rewards.py"
+    spec = importlib.util.spec_from_file_location("eval_rewards", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "r.json"
+    module.main(["--images", str(tmp_path / "a"), "--images", str(tmp_path / "b"), "--json", str(out),
+                 "--reward", f"clip_score,model_name={TINY_CLIP},random_init=true,seed=0,device=cpu,form=torchmetrics"])
+    result = json.loads(out.read_text())
+    tm = rewards.load("clip_score", model_name=TINY_CLIP, random_init=True, seed=0, form="torchmetrics", device="cpu")
+    sa, sb = tm.score(set_a, PROMPTS).double(), tm.score(set_b, PROMPTS).double()
+    assert not torch.equal(sa, sb)
+    assert result["summary"]["a"]["clip_score"]["mean"] == pytest.approx(float(sa.mean()), rel=1e-5)
+    assert result["summary"]["b"]["clip_score"]["mean"] == pytest.approx(float(sb.mean()), rel=1e-5)
+    expected = (float((sa > sb).sum()) + 0.5 * float((sa == sb).sum())) / 4
+    assert result["win_rates"]["per_reward"]["clip_score"]["win_rate"] == pytest.approx(expected)
+    printed = capsys.readouterr().out
+    assert "| clip_score |" in printed and "win rate a vs b" in printed
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        module.main(["--images", str(tmp_path), "--reward", "clip_score"])

@@ -147,7 +147,12 @@ def load_pipeline(spec: GeneratorSpec, device):
         if spec.variant:
             kwargs["variant"] = spec.variant
         pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs)
-    pipe = pipe.to(device=device, dtype=dtype)
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
