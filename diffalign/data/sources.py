@@ -98,9 +98,9 @@ def arrow_column(dataset, name: str) -> pa.ChunkedArray:
     return column
 
 
-def arrow_row(dataset, index: int, columns: list[str]) -> dict[str, Any]:
-    """Row `index` as plain Python values for the given columns (image bytes stay bytes)."""
-    table = dataset.with_format("arrow", columns=columns)[int(index)]
+def arrow_row(view, index: int, columns: list[str]) -> dict[str, Any]:
+    """Row `index` of `view` (a Dataset already in "arrow" format) as Python values (image bytes stay bytes)."""
+    table = view[int(index)]
     return {name: table.column(name)[0].as_py() for name in columns}
 
 

@@ -45,7 +45,7 @@ def decode_image(value: Any, *, row: int | None = None, column: str | None = Non
     try:
         with Image.open(io.BytesIO(bytes(value))) as image:
             image.load()
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as error:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise DataError(
             f"cannot decode the image ({len(value)} bytes; {type(error).__name__}: {error}).",
