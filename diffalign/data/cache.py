@@ -176,6 +176,11 @@ def build_cache(
 
         state = PartialState(cpu=not torch.cuda.is_available())
         rank, world_size = state.process_index, state.num_processes
+    if not all(hasattr(dataset, attr) for attr in ("load_group", "fingerprint", "transform", "rows")):
+        raise TypeError(
+            f"build_cache needs a PairwiseDataset or RankedDataset (diffalign.data), got {type(dataset).__name__}. "
+            "Fix: build it with diffalign.data.load_preference_dataset (a torch Subset of one is not enough)."
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if dtype is not None and dtype not in DTYPES:
