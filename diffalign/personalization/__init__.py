@@ -31,8 +31,22 @@ from diffalign.personalization.encoder import (
     interpolate_users,
     tiny_clip_user_encoder,
 )
+from diffalign.personalization.training import (
+    TOY_REWARDS,
+    PPDConditioning,
+    SyntheticUser,
+    UserSplit,
+    contexts_from_dataset,
+    split_users,
+)
 
 __all__ = [
+    "PPDConditioning",
+    "SyntheticUser",
+    "TOY_REWARDS",
+    "UserSplit",
+    "contexts_from_dataset",
+    "split_users",
     "USER_ENCODERS",
     "ClipUserEncoder",
     "SetPooling",
