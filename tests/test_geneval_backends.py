@@ -71,7 +71,12 @@ def test_instance_postprocess_scores_and_resizing():
     mask_logits = torch.full((2, 16, 16), -10.0)
     mask_logits[0, :8, :6] = 10.0
     labels, scores, masks = instance_postprocess(
-        class_logits, mask_logits, padded_size=(32, 32), valid_size=(32, 24), image_size=(64, 48), max_per_image=3
+        class_logits,
+        mask_logits,
+        padded_size=(32, 32),
+        valid_size=(32, 24),
+        image_size=(64, 48),
+        max_per_image=3,
     )
     assert labels.tolist()[0] == 2
     prob = torch.softmax(class_logits[0], -1)[2]
@@ -85,21 +90,44 @@ def test_instance_postprocess_scores_and_resizing():
 
 
 def test_mask2former_detector_tiny():
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     torch.manual_seed(0)
     backbone = SwinConfig(
-        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        image_size=64,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     config = Mask2FormerConfig(
-        backbone_config=backbone, use_pretrained_backbone=False, num_labels=4, hidden_dim=32, mask_feature_size=32,
-        feature_size=32, num_queries=5, encoder_layers=1, decoder_layers=2, num_attention_heads=2, dim_feedforward=64,
-        encoder_feedforward_dim=64, common_stride=4,
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        num_labels=4,
+        hidden_dim=32,
+        mask_feature_size=32,
+        feature_size=32,
+        num_queries=5,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        dim_feedforward=64,
+        encoder_feedforward_dim=64,
+        common_stride=4,
     )
     det = load_detector(
-        "mask2former", model=Mask2FormerForUniversalSegmentation(config), processor=Mask2FormerImageProcessor(),
-        device="cpu", test_size=(64, 96), max_per_image=7,
+        "mask2former",
+        model=Mask2FormerForUniversalSegmentation(config),
+        processor=Mask2FormerImageProcessor(),
+        device="cpu",
+        test_size=(64, 96),
+        max_per_image=7,
     )
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
     out = det.detect(image, ["a", "b", "c", "d"])
@@ -110,6 +138,19 @@ def test_mask2former_detector_tiny():
         assert 0.0 <= d["score"] <= 1.0
         ys, xs = np.nonzero(d["mask"])
         assert d["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    # min_score drops detections at or below it (lossless for the rules, whose thresholds are strict).
+    floor = sorted(d["score"] for d in dets)[len(dets) // 2]
+    det2 = load_detector(
+        "mask2former",
+        model=det.model,
+        processor=det.processor,
+        device="cpu",
+        test_size=(64, 96),
+        max_per_image=7,
+        min_score=floor,
+    )
+    kept = [d for v in det2.detect(image, ["a", "b", "c", "d"]).values() for d in v]
+    assert sorted(d["score"] for d in kept) == sorted(d["score"] for d in dets if d["score"] > floor)
     with pytest.raises(ValueError, match="4 labels but 80 class names"):
         det.detect(image, ["x"] * 80)
 
@@ -132,13 +173,19 @@ def test_make_crop_composites_on_grey():
 
 def test_color_classifier_recipe(tmp_path_factory):
     clf = tiny_color_classifier(tmp_path_factory)
-    assert TEMPLATES == ("a photo of a {c} {object}", "a photo of a {c}-colored {object}", "a photo of a {c} object")
+    assert TEMPLATES == (
+        "a photo of a {c} {object}",
+        "a photo of a {c}-colored {object}",
+        "a photo of a {c} object",
+    )
     weights = clf.text_classifier("car")
     assert weights.shape == (32, 10) and torch.allclose(weights.norm(dim=0), torch.ones(10), atol=1e-5)
     # The recipe by hand for one colour: mean of normalised template embeddings, re-normalised.
     texts = [t.format(c="blue", object="car") for t in TEMPLATES]
     with torch.no_grad():
-        emb = torch.nn.functional.normalize(clf.model.encode_text(clf.tokenizer(texts)).float(), dim=-1).mean(0)
+        emb = torch.nn.functional.normalize(clf.model.encode_text(clf.tokenizer(texts)).float(), dim=-1).mean(
+            0
+        )
     assert torch.allclose(weights[:, COLORS.index("blue")], emb / emb.norm(), atol=1e-5)
     # classify == argmax of cosine similarity of the preprocessed crop.
     image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
@@ -146,7 +193,9 @@ def test_color_classifier_recipe(tmp_path_factory):
     got = clf.classify(image, objs, "car")
     assert len(got) == 2 and set(got) <= set(COLORS)
     with torch.no_grad():
-        feats = clf.model.encode_image(torch.stack([clf.preprocess(make_crop(image, o["box"], o["mask"])) for o in objs]))
+        feats = clf.model.encode_image(
+            torch.stack([clf.preprocess(make_crop(image, o["box"], o["mask"])) for o in objs])
+        )
     want = (torch.nn.functional.normalize(feats.float(), dim=-1) @ weights).argmax(1).tolist()
     assert got == [COLORS[i] for i in want]
     assert clf.classify(image, [], "car") == []

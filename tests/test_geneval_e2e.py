@@ -11,7 +11,14 @@ from PIL import Image
 
 from diffalign.evaluation.detectors import load_detector
 from diffalign.evaluation.geneval import TAGS, load_metadata
-from diffalign.evaluation.geneval.runner import MANIFEST, EvalOptions, GenEvalErrors, evaluate, generate, parse_indices
+from diffalign.evaluation.geneval.runner import (
+    MANIFEST,
+    EvalOptions,
+    GenEvalErrors,
+    evaluate,
+    generate,
+    parse_indices,
+)
 from diffalign.evaluation.geneval.summary import read_results, summarize, summarize_file
 
 
@@ -45,27 +52,52 @@ def generated(tmp_path_factory):
 
     out = str(tmp_path_factory.mktemp("geneval") / "run")
     pipe = tiny_sdxl_pipeline(0)
-    report = generate(pipe, out, indices=INDICES, n_samples=N_SAMPLES, pipeline_kwargs=GEN_KWARGS, progress=False)
+    report = generate(
+        pipe, out, indices=INDICES, n_samples=N_SAMPLES, pipeline_kwargs=GEN_KWARGS, progress=False
+    )
     return out, pipe, report
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     torch.manual_seed(0)
     backbone = SwinConfig(
-        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, image_size=64,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        image_size=64,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     config = Mask2FormerConfig(
-        backbone_config=backbone, use_pretrained_backbone=False, num_labels=80, hidden_dim=32, mask_feature_size=32,
-        feature_size=32, num_queries=10, encoder_layers=1, decoder_layers=2, num_attention_heads=2, dim_feedforward=64,
-        encoder_feedforward_dim=64, common_stride=4,
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        num_labels=80,
+        hidden_dim=32,
+        mask_feature_size=32,
+        feature_size=32,
+        num_queries=10,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        dim_feedforward=64,
+        encoder_feedforward_dim=64,
+        common_stride=4,
     )
     detector = load_detector(
-        "mask2former", model=Mask2FormerForUniversalSegmentation(config), processor=Mask2FormerImageProcessor(),
-        device="cpu", test_size=(64, 64), max_per_image=800,  # all (query, class) pairs: every class shows up
+        "mask2former",
+        model=Mask2FormerForUniversalSegmentation(config),
+        processor=Mask2FormerImageProcessor(),
+        device="cpu",
+        test_size=(64, 64),
+        max_per_image=800,  # all (query, class) pairs: every class shows up
     )
     return detector, tiny_color_classifier(tmp_path_factory)
 
@@ -87,13 +119,17 @@ def test_generate_layout_and_resume(generated):
         manifest = json.load(f)
     assert manifest["indices"] == INDICES and manifest["n_samples"] == N_SAMPLES and manifest["seed"] == 42
     # Resume: nothing to do.
-    again = generate(pipe, out, indices=INDICES, n_samples=N_SAMPLES, pipeline_kwargs=GEN_KWARGS, progress=False)
+    again = generate(
+        pipe, out, indices=INDICES, n_samples=N_SAMPLES, pipeline_kwargs=GEN_KWARGS, progress=False
+    )
     assert again == {"generated": 0, "skipped": len(INDICES) * N_SAMPLES, "prompts": len(INDICES)}
     # A deleted image is regenerated identically (per-image seeds).
     path = os.path.join(out, "00179", "samples", "0001.png")
     before = np.asarray(Image.open(path))
     os.remove(path)
-    third = generate(pipe, out, indices=INDICES, n_samples=N_SAMPLES, pipeline_kwargs=GEN_KWARGS, progress=False)
+    third = generate(
+        pipe, out, indices=INDICES, n_samples=N_SAMPLES, pipeline_kwargs=GEN_KWARGS, progress=False
+    )
     assert third["generated"] == 1
     assert np.array_equal(np.asarray(Image.open(path)), before)
     # The two samples of a prompt differ (different seeds).
@@ -110,7 +146,9 @@ def test_generate_bad_input(generated, tmp_path):
     with pytest.raises(ValueError, match="outside"):
         generate(pipe, str(tmp_path / "y"), indices=[553], progress=False)
     # A folder made for another prompt list is refused.
-    custom = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}]
+    custom = [
+        {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"}
+    ]
     with pytest.raises(ValueError, match="belongs to another metadata file"):
         target = str(tmp_path / "z")
         generate(pipe, target, indices=[0], n_samples=1, pipeline_kwargs=GEN_KWARGS, progress=False)
@@ -147,7 +185,24 @@ def test_evaluate_and_summary(generated, models, tmp_path):
 
     # Summary through the CLI, two "runs" to compare; arithmetic checked against results.jsonl.
     js, png = str(tmp_path / "summary.json"), str(tmp_path / "bars.png")
-    assert cli_main(["geneval", "summary", results, results, "--names", "base", "aligned", "--json", js, "--plot", png]) == 0
+    assert (
+        cli_main(
+            [
+                "geneval",
+                "summary",
+                results,
+                results,
+                "--names",
+                "base",
+                "aligned",
+                "--json",
+                js,
+                "--plot",
+                png,
+            ]
+        )
+        == 0
+    )
     with open(js) as f:
         summ = json.load(f)["base"]
     per_tag = {t: np.mean([r["correct"] for r in rows if r["tag"] == t]) for t in TAGS}
@@ -225,7 +280,11 @@ def test_bad_input_keeps_the_rest(generated, tmp_path):
     assert "3 prompt folder(s)/image(s) could not be evaluated" in msg
     assert "unreadable image" in msg and "missing prompt folder" in msg and "metadata mismatch" in msg
     errors = [json.loads(line) for line in open(results + ".errors.jsonl")]
-    assert sorted((e["folder"], e["filename"]) for e in errors) == [("00080", "0001.png"), ("00259", None), ("00453", None)]
+    assert sorted((e["folder"], e["filename"]) for e in errors) == [
+        ("00080", "0001.png"),
+        ("00259", None),
+        ("00453", None),
+    ]
     # The others were evaluated: 12 images - 1 unreadable - 2 (missing folder) - 2 (bad metadata) = 7.
     rows = read_results(results)
     assert len(rows) == 7 and all(r["correct"] for r in rows)
@@ -235,12 +294,21 @@ def test_bad_input_keeps_the_rest(generated, tmp_path):
     assert s["errors"] == 3 and s["images"] == 7 and s["missing_tasks"] == ["colors", "color_attr"]
     # A missing sample is reported too, and the folder's other images still count.
     os.remove(os.path.join(out, "00000", "samples", "0000.png"))
-    report = evaluate(out, OracleDetector(), None, outfile=str(tmp_path / "r2.jsonl"), raise_on_error=False, progress=False)
+    report = evaluate(
+        out, OracleDetector(), None, outfile=str(tmp_path / "r2.jsonl"), raise_on_error=False, progress=False
+    )
     assert ("00000", "0000.png") in {(e["folder"], e["filename"]) for e in report["errors"]}
     assert report["evaluated"] == 6
     # No metadata check: a folder's own metadata is trusted.
-    report = evaluate(out, OracleDetector(), None, outfile=str(tmp_path / "r3.jsonl"), reference_metadata=None,
-                      raise_on_error=False, progress=False)
+    report = evaluate(
+        out,
+        OracleDetector(),
+        None,
+        outfile=str(tmp_path / "r3.jsonl"),
+        reference_metadata=None,
+        raise_on_error=False,
+        progress=False,
+    )
     assert report["evaluated"] == 8
     with pytest.raises(FileNotFoundError, match="not found"):
         evaluate(str(tmp_path / "nope"), OracleDetector(), None)
@@ -256,10 +324,21 @@ def models_free_detector():
 
 def test_summary_arithmetic_and_bad_rows(tmp_path):
     rows = []
-    for tag, flags in zip(TAGS, [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], [1, 1, 1, 0]]):
+    for tag, flags in zip(
+        TAGS, [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], [1, 1, 1, 0]]
+    ):
         for k, f in enumerate(flags):
             meta = json.dumps({"tag": tag, "prompt": f"{tag}-{k // 2}"})
-            rows.append({"filename": f"x/{k}.png", "tag": tag, "prompt": "p", "correct": bool(f), "reason": "", "metadata": meta})
+            rows.append(
+                {
+                    "filename": f"x/{k}.png",
+                    "tag": tag,
+                    "prompt": "p",
+                    "correct": bool(f),
+                    "reason": "",
+                    "metadata": meta,
+                }
+            )
     s = summarize(rows)
     assert s["tasks"]["single_object"] == {"accuracy": 0.5, "correct": 2, "total": 4}
     assert s["overall"] == pytest.approx((0.5 + 0.25 + 0 + 1 + 0.25 + 0.75) / 6)
@@ -271,3 +350,77 @@ def test_summary_arithmetic_and_bad_rows(tmp_path):
         read_results(str(path))
     with pytest.raises(FileNotFoundError):
         read_results(str(tmp_path / "missing.jsonl"))
+
+
+def test_cli_generate_from_folder_with_lora(tmp_path):
+    """`diffalign geneval generate` on a saved pipeline folder, with and without a LoRA (which must change the image)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from diffalign.cli import main as cli_main
+    from diffalign.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(0)
+    model_dir, lora_dir = str(tmp_path / "model"), str(tmp_path / "lora")
+    pipe.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+        )
+    )
+    type(pipe).save_lora_weights(lora_dir, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    common = [
+        "--indices",
+        "259",
+        "--n-samples",
+        "1",
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        cli_main(["geneval", "generate", "--model", model_dir, "--out", str(tmp_path / "base"), *common]) == 0
+    )
+    assert (
+        cli_main(
+            [
+                "geneval",
+                "generate",
+                "--model",
+                model_dir,
+                "--lora",
+                lora_dir,
+                "--out",
+                str(tmp_path / "lora_run"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    base = np.asarray(Image.open(tmp_path / "base" / "00259" / "samples" / "0000.png"))
+    tuned = np.asarray(Image.open(tmp_path / "lora_run" / "00259" / "samples" / "0000.png"))
+    assert base.shape == tuned.shape == (64, 64, 3) and not np.array_equal(base, tuned)
+    with open(tmp_path / "lora_run" / MANIFEST) as f:
+        assert json.load(f)["model"].endswith("+ " + lora_dir)
+    with pytest.raises(ValueError, match="JSON object"):
+        cli_main(
+            [
+                "geneval",
+                "generate",
+                "--model",
+                model_dir,
+                "--out",
+                str(tmp_path / "x"),
+                "--pipeline-kwargs",
+                "[1]",
+                *common,
+            ]
+        )

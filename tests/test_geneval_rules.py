@@ -29,15 +29,25 @@ COUNT2 = {
     "exclude": [{"class": "clock", "count": 3}],
     "prompt": "a photo of two clocks",
 }
-COLOR = {"tag": "colors", "include": [{"class": "fire hydrant", "count": 1, "color": "blue"}], "prompt": "a photo of a blue fire hydrant"}
+COLOR = {
+    "tag": "colors",
+    "include": [{"class": "fire hydrant", "count": 1, "color": "blue"}],
+    "prompt": "a photo of a blue fire hydrant",
+}
 POS = {
     "tag": "position",
-    "include": [{"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}],
+    "include": [
+        {"class": "teddy bear", "count": 1},
+        {"class": "dog", "count": 1, "position": ["right of", 0]},
+    ],
     "prompt": "a photo of a dog right of a teddy bear",
 }
 ATTR = {
     "tag": "color_attr",
-    "include": [{"class": "wine glass", "count": 1, "color": "purple"}, {"class": "apple", "count": 1, "color": "black"}],
+    "include": [
+        {"class": "wine glass", "count": 1, "color": "purple"},
+        {"class": "apple", "count": 1, "color": "black"},
+    ],
     "prompt": "a photo of a purple wine glass and a black apple",
 }
 
@@ -46,7 +56,14 @@ def test_shipped_data():
     rows = load_metadata()
     assert len(rows) == 553
     counts = {t: sum(r["tag"] == t for r in rows) for t in TAGS}
-    assert counts == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100, "color_attr": 100}
+    assert counts == {
+        "single_object": 80,
+        "two_object": 99,
+        "counting": 80,
+        "colors": 94,
+        "position": 100,
+        "color_attr": 100,
+    }
     names = load_object_names()
     assert len(names) == 80 and names[0] == "person" and names[-1] == "toothbrush"
     assert {c["class"] for r in rows for c in r["include"]} <= set(names)
@@ -55,7 +72,10 @@ def test_shipped_data():
 def test_single_object_and_threshold_is_strict():
     assert score_detections(SINGLE, {"cow": [det([0, 0, 10, 10], 0.31)]}) == (True, "")
     # score == threshold is dropped (strict >), as officially.
-    assert score_detections(SINGLE, {"cow": [det([0, 0, 10, 10], 0.3)]}) == (False, "expected cow>=1, found 0")
+    assert score_detections(SINGLE, {"cow": [det([0, 0, 10, 10], 0.3)]}) == (
+        False,
+        "expected cow>=1, found 0",
+    )
     assert score_detections(SINGLE, {}) == (False, "expected cow>=1, found 0")
     # A custom threshold is honoured.
     assert score_detections(SINGLE, {"cow": [det([0, 0, 10, 10], 0.31)]}, threshold=0.5)[0] is False
@@ -86,8 +106,14 @@ def test_counting_uses_09_and_exclusion():
 
 
 def test_counting_exclusion_and_inclusion_fail_together():
-    meta = {**COUNT2, "include": [{"class": "clock", "count": 4}], "exclude": [{"class": "clock", "count": 2}]}
-    ok, reason = score_detections(meta, {"clock": [det([0, 0, 5, 5]), det([9, 9, 12, 12]), det([20, 20, 30, 30])]})
+    meta = {
+        **COUNT2,
+        "include": [{"class": "clock", "count": 4}],
+        "exclude": [{"class": "clock", "count": 2}],
+    }
+    ok, reason = score_detections(
+        meta, {"clock": [det([0, 0, 5, 5]), det([9, 9, 12, 12]), det([20, 20, 30, 30])]}
+    )
     assert not ok and reason == "expected clock>=4, found 3\nexpected clock<2, found 3"
 
 
@@ -97,7 +123,10 @@ def test_colour_match_and_mismatch():
     assert not ok and reason == "expected blue fire hydrant>=1, found 0 blue; and 1 red"
     # Only the top-count (most confident) object is colour-checked; a blue one below it is ignored.
     dets = {"fire hydrant": [det([0, 0, 5, 5], 0.5, "blue"), det([9, 9, 15, 15], 0.9, "yellow")]}
-    assert score_detections(COLOR, dets) == (False, "expected blue fire hydrant>=1, found 0 blue; and 1 yellow")
+    assert score_detections(COLOR, dets) == (
+        False,
+        "expected blue fire hydrant>=1, found 0 blue; and 1 yellow",
+    )
     # An object read by a colour clause must carry a colour.
     with pytest.raises(ValueError, match="no 'color'"):
         score_detections(COLOR, {"fire hydrant": [det([0, 0, 5, 5])]})
@@ -107,7 +136,13 @@ def test_colour_match_and_mismatch():
 
 def test_colour_reason_lists_colours_in_palette_order():
     meta = {"tag": "colors", "include": [{"class": "car", "count": 3, "color": "green"}], "prompt": "x"}
-    dets = {"car": [det([0, 0, 1, 1], 0.9, "white"), det([0, 0, 1, 1], 0.8, "red"), det([0, 0, 1, 1], 0.7, "white")]}
+    dets = {
+        "car": [
+            det([0, 0, 1, 1], 0.9, "white"),
+            det([0, 0, 1, 1], 0.8, "red"),
+            det([0, 0, 1, 1], 0.7, "white"),
+        ]
+    }
     ok, reason = score_detections(meta, dets)
     assert not ok and reason == "expected green car>=3, found 0 green; and 1 red, 2 white"
 
@@ -156,7 +191,10 @@ def test_position_rule_in_context():
     ok_dets = {"teddy bear": [bear], "dog": [det([160, 80, 200, 120])]}
     assert score_detections(POS, ok_dets) == (True, "")
     wrong = {"teddy bear": [bear], "dog": [det([0, 0, 40, 40])]}
-    assert score_detections(POS, wrong) == (False, "expected dog right of target, found left of and above target")
+    assert score_detections(POS, wrong) == (
+        False,
+        "expected dog right of target, found left of and above target",
+    )
     none = {"teddy bear": [bear], "dog": [det([85, 85, 125, 125])]}
     # No relation: the official string keeps the double space.
     assert score_detections(POS, none) == (False, "expected dog right of target, found  target")
@@ -182,7 +220,11 @@ def test_position_every_pair_must_hold():
 
 def test_max_objects_caps_before_exclusion():
     many = {"clock": [det([i * 10, 0, i * 10 + 5, 5], 0.95 - i * 0.001) for i in range(20)]}
-    meta = {**COUNT2, "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 17}]}
+    meta = {
+        **COUNT2,
+        "include": [{"class": "clock", "count": 2}],
+        "exclude": [{"class": "clock", "count": 17}],
+    }
     # 20 confident clocks, but only 16 are kept per class, so "<17" holds.
     assert score_detections(meta, many) == (True, "")
     assert score_detections(meta, many, max_objects=17) == (False, "expected clock<17, found 17")

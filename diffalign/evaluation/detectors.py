@@ -69,7 +69,9 @@ def load_detector(name: str, **kwargs) -> Detector:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise ImportError(f"Detector {name!r} needs module {module_name!r}, which could not be imported: {e}") from e
+        raise ImportError(
+            f"Detector {name!r} needs module {module_name!r}, which could not be imported: {e}"
+        ) from e
     return getattr(module, attr)(**kwargs)
 
 
@@ -110,7 +112,7 @@ def instance_postprocess(
     the top `max_per_image` (query, class) pairs by class probability (no-object column dropped)
     are kept; score = class probability x mean foreground probability inside the mask (> 0 logits).
     """
-    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    num_classes = class_logits.shape[1] - 1
     probs = class_logits.float().softmax(dim=-1)[:, :-1]
     k = min(max_per_image, probs.numel())
     top_scores, top_idx = probs.flatten().topk(k, sorted=True)
@@ -118,9 +120,13 @@ def instance_postprocess(
     queries = top_idx // num_classes
     # Resize only the chosen queries (the same result as resizing all of them first, less memory).
     logits = mask_logits[queries].float()[None]
-    logits = torch.nn.functional.interpolate(logits, size=tuple(padded_size), mode="bilinear", align_corners=False)
+    logits = torch.nn.functional.interpolate(
+        logits, size=tuple(padded_size), mode="bilinear", align_corners=False
+    )
     logits = logits[:, :, : valid_size[0], : valid_size[1]]
-    logits = torch.nn.functional.interpolate(logits, size=tuple(image_size), mode="bilinear", align_corners=False)[0]
+    logits = torch.nn.functional.interpolate(
+        logits, size=tuple(image_size), mode="bilinear", align_corners=False
+    )[0]
     binary = logits > 0
     mask_scores = (logits.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
     return labels, top_scores * mask_scores, binary
@@ -131,7 +137,10 @@ class Mask2FormerDetector:
 
     `test_size=(800, 1333)` resizes like mmdet's test pipeline (shorter side 800, longer at most
     1333); pass None to use the processor's own size. Pass `model` and `processor` to use
-    already-built objects (tests build a tiny random one offline).
+    already-built objects (tests build a tiny random one offline). `min_score` drops detections
+    scoring <= it before their masks leave the GPU; GenEval's rules keep only scores above the
+    threshold, so `min_score = min(threshold, counting_threshold)` changes no verdict (the CLI
+    sets it that way) and saves copying ~100 full-size masks per image.
     """
 
     def __init__(
@@ -144,14 +153,19 @@ class Mask2FormerDetector:
         dtype: torch.dtype = torch.float32,
         test_size: tuple[int, int] | None = (800, 1333),
         max_per_image: int = 100,
+        min_score: float | None = None,
         local_files_only: bool = False,
     ):
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
         if model is None:
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(model_name_or_path, local_files_only=local_files_only)
+            model = Mask2FormerForUniversalSegmentation.from_pretrained(
+                model_name_or_path, local_files_only=local_files_only
+            )
             if processor is None:
-                processor = Mask2FormerImageProcessor.from_pretrained(model_name_or_path, local_files_only=local_files_only)
+                processor = Mask2FormerImageProcessor.from_pretrained(
+                    model_name_or_path, local_files_only=local_files_only
+                )
         if processor is None:
             processor = Mask2FormerImageProcessor()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -160,6 +174,7 @@ class Mask2FormerDetector:
         self.processor = processor
         self.test_size = test_size
         self.max_per_image = max_per_image
+        self.min_score = min_score
 
     @torch.no_grad()
     def detect(self, image: Image.Image, class_names: list[str]) -> dict[str, list[dict]]:
@@ -187,7 +202,11 @@ class Mask2FormerDetector:
             max_per_image=self.max_per_image,
         )
         boxes = masks_to_boxes(masks)
-        keep = masks.flatten(1).any(dim=1)  # an empty mask scores 0 and has no box; mmdet keeps it, no threshold can
+        keep = masks.flatten(1).any(
+            dim=1
+        )  # an empty mask scores 0 and has no box; mmdet keeps it, no threshold can
+        if self.min_score is not None:
+            keep &= scores > self.min_score
         return _group(labels[keep], scores[keep], boxes[keep], masks[keep], class_names)
 
 
@@ -197,7 +216,12 @@ def _group(labels, scores, boxes, masks, class_names: Sequence[str]) -> dict[str
     masks = masks.cpu().numpy() if masks is not None else None
     for i, label in enumerate(labels):
         out.setdefault(class_names[label], []).append(
-            {"box": boxes[i], "score": float(scores[i]), "mask": None if masks is None else masks[i], "color": None}
+            {
+                "box": boxes[i],
+                "score": float(scores[i]),
+                "mask": None if masks is None else masks[i],
+                "color": None,
+            }
         )
     return out
 
@@ -225,7 +249,9 @@ class MMDetDetector:
             candidates = [os.path.join(root, "..", MMDET_CONFIG), os.path.join(root, ".mim", MMDET_CONFIG)]
             config = next((c for c in candidates if os.path.isfile(c)), None)
             if config is None:
-                raise FileNotFoundError(f"mmdet's Mask2Former config was not found under {root}; pass --mmdet-config PATH.")
+                raise FileNotFoundError(
+                    f"mmdet's Mask2Former config was not found under {root}; pass --mmdet-config PATH."
+                )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = init_detector(config, checkpoint, device=self.device)
         self._infer = inference_detector
@@ -237,17 +263,28 @@ class MMDetDetector:
         if hasattr(result, "pred_instances"):  # mmdet 3.x DetDataSample
             inst = result.pred_instances
             masks = inst.masks.cpu().numpy().astype(bool) if "masks" in inst else None
-            for i, (label, score, box) in enumerate(zip(inst.labels.tolist(), inst.scores.tolist(), inst.bboxes.tolist())):
+            for i, (label, score, box) in enumerate(
+                zip(inst.labels.tolist(), inst.scores.tolist(), inst.bboxes.tolist())
+            ):
                 out.setdefault(class_names[label], []).append(
-                    {"box": box, "score": float(score), "mask": None if masks is None else masks[i], "color": None}
+                    {
+                        "box": box,
+                        "score": float(score),
+                        "mask": None if masks is None else masks[i],
+                        "color": None,
+                    }
                 )
             return out
         bbox = result[0] if isinstance(result, tuple) else result  # mmdet 2.x: per-class (n, 5) arrays
         segm = result[1] if isinstance(result, tuple) and len(result) > 1 else None
         if len(bbox) != len(class_names):
-            raise ValueError(f"mmdet returned {len(bbox)} classes but {len(class_names)} class names were given.")
+            raise ValueError(
+                f"mmdet returned {len(bbox)} classes but {len(class_names)} class names were given."
+            )
         for c, name in enumerate(class_names):
             for j, row in enumerate(bbox[c]):
                 mask = None if segm is None else np.asarray(segm[c][j], dtype=bool)
-                out.setdefault(name, []).append({"box": [float(v) for v in row[:4]], "score": float(row[4]), "mask": mask, "color": None})
+                out.setdefault(name, []).append(
+                    {"box": [float(v) for v in row[:4]], "score": float(row[4]), "mask": mask, "color": None}
+                )
         return out

@@ -55,7 +55,9 @@ def read_metadata_file(path: str | os.PathLike) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e}); each line must be one prompt record.") from e
+                raise ValueError(
+                    f"{path}:{lineno} is not valid JSON ({e}); each line must be one prompt record."
+                ) from e
             try:
                 validate_metadata(row)
             except ValueError as e:

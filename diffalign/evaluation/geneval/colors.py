@@ -17,11 +17,17 @@ from PIL import Image
 
 from diffalign.evaluation.geneval.rules import COLORS
 
-TEMPLATES: tuple[str, ...] = ("a photo of a {c} {object}", "a photo of a {c}-colored {object}", "a photo of a {c} object")
+TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c} {object}",
+    "a photo of a {c}-colored {object}",
+    "a photo of a {c} object",
+)
 BACKGROUND = "#999999"  # the official "#999"
 
 
-def make_crop(image: Image.Image, box: Sequence[float], mask: np.ndarray | None, background: str = BACKGROUND) -> Image.Image:
+def make_crop(
+    image: Image.Image, box: Sequence[float], mask: np.ndarray | None, background: str = BACKGROUND
+) -> Image.Image:
     """The object's pixels (where `mask` is True) on a flat background, cropped to `box`.
 
     With no mask the crop is taken from the image itself. PIL rounds the float box, as the
@@ -31,7 +37,9 @@ def make_crop(image: Image.Image, box: Sequence[float], mask: np.ndarray | None,
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != (image.height, image.width):
-            raise ValueError(f"mask shape {mask.shape} does not match the image (H, W) = {(image.height, image.width)}.")
+            raise ValueError(
+                f"mask shape {mask.shape} does not match the image (H, W) = {(image.height, image.width)}."
+            )
         blank = Image.new("RGB", image.size, color=background)
         image = Image.composite(image, blank, Image.fromarray(mask.astype(bool)))
     return image.crop(tuple(float(v) for v in box[:4]))
@@ -72,15 +80,24 @@ class ColorClassifier:
 
     @classmethod
     def from_pretrained(
-        cls, model_name: str = "ViT-L-14", pretrained: str | None = "openai", *, device: str | torch.device | None = None, **kwargs
+        cls,
+        model_name: str = "ViT-L-14",
+        pretrained: str | None = "openai",
+        *,
+        device: str | torch.device | None = None,
+        **kwargs,
     ) -> ColorClassifier:
         """Load an open_clip model; `pretrained` is an open_clip tag or a local weights file."""
         import open_clip
 
         if pretrained is not None and os.path.sep in pretrained and not os.path.exists(pretrained):
-            raise FileNotFoundError(f"CLIP weights not found at {pretrained}; pass an existing file or an open_clip tag such as 'openai'.")
+            raise FileNotFoundError(
+                f"CLIP weights not found at {pretrained}; pass an existing file or an open_clip tag such as 'openai'."
+            )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device
+        )
         return cls(model, preprocess, open_clip.get_tokenizer(model_name), device=device, **kwargs)
 
     def _autocast(self):
@@ -109,7 +126,9 @@ class ColorClassifier:
         crops = [make_crop(image, obj["box"], obj.get("mask"), self.background) for obj in objects]
         out: list[str] = []
         for start in range(0, len(crops), self.batch_size):
-            pixels = torch.stack([self.preprocess(c) for c in crops[start : start + self.batch_size]]).to(self.device)
+            pixels = torch.stack([self.preprocess(c) for c in crops[start : start + self.batch_size]]).to(
+                self.device
+            )
             with self._autocast():
                 feats = self.model.encode_image(pixels).float()
             feats = torch.nn.functional.normalize(feats, dim=-1)

@@ -37,7 +37,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+COLORS: tuple[str, ...] = (
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+)
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 
 # Official defaults (evaluate_images.py `--options`).
@@ -65,13 +76,19 @@ def validate_metadata(metadata: Mapping) -> None:
             if not isinstance(clause, Mapping) or "class" not in clause or "count" not in clause:
                 raise ValueError(f"GenEval {kind} clause {i} needs 'class' and 'count': {clause!r}")
             if not isinstance(clause["count"], int) or clause["count"] < 1:
-                raise ValueError(f"GenEval {kind} clause {i} has a bad count {clause['count']!r}; use an int >= 1.")
+                raise ValueError(
+                    f"GenEval {kind} clause {i} has a bad count {clause['count']!r}; use an int >= 1."
+                )
             if "position" in clause:
                 if kind != "include":
-                    raise ValueError(f"A position is only allowed in include clauses, found in {kind} clause {i}.")
+                    raise ValueError(
+                        f"A position is only allowed in include clauses, found in {kind} clause {i}."
+                    )
                 rel, target = clause["position"]
                 if rel not in RELATIONS:
-                    raise ValueError(f"Unknown relation {rel!r} in include clause {i}; expected one of {RELATIONS}.")
+                    raise ValueError(
+                        f"Unknown relation {rel!r} in include clause {i}; expected one of {RELATIONS}."
+                    )
                 if not isinstance(target, int) or not 0 <= target < i:
                     raise ValueError(
                         f"Include clause {i} refers to target group {target!r}; it must be an earlier clause index (0..{i - 1})."
@@ -93,7 +110,9 @@ def compute_iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
     def area(b):
         return max(b[2] - b[0] + 1, 0) * max(b[3] - b[1] + 1, 0)
 
-    inter = area([max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3])])
+    inter = area(
+        [max(box_a[0], box_b[0]), max(box_a[1], box_b[1]), min(box_a[2], box_b[2]), min(box_a[3], box_b[3])]
+    )
     union = area(box_a) + area(box_b) - inter
     return inter / union if union else 0.0
 
@@ -135,13 +154,17 @@ def filter_detections(
     return kept
 
 
-def relative_position(box_a: Sequence[float], box_b: Sequence[float], position_threshold: float = POSITION_THRESHOLD) -> tuple[str, ...]:
+def relative_position(
+    box_a: Sequence[float], box_b: Sequence[float], position_threshold: float = POSITION_THRESHOLD
+) -> tuple[str, ...]:
     """Relations of box A relative to box B, in the fixed order of RELATIONS (y grows downwards)."""
     boxes = np.asarray([list(box_a)[:4], list(box_b)[:4]], dtype=np.float32).reshape(2, 2, 2)
     center_a, center_b = boxes.mean(axis=-2)
     dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
     offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - np.float32(position_threshold) * (dim_a + dim_b), 0) * np.sign(offset)
+    revised = np.maximum(np.abs(offset) - np.float32(position_threshold) * (dim_a + dim_b), 0) * np.sign(
+        offset
+    )
     if np.all(np.abs(revised) < 1e-3):
         return ()
     dx, dy = revised / np.linalg.norm(offset)
@@ -158,7 +181,10 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float], position_t
 
 
 def evaluate_clauses(
-    metadata: Mapping, objects: Mapping[str, Sequence[Mapping]], *, position_threshold: float = POSITION_THRESHOLD
+    metadata: Mapping,
+    objects: Mapping[str, Sequence[Mapping]],
+    *,
+    position_threshold: float = POSITION_THRESHOLD,
 ) -> tuple[bool, str]:
     """Apply the include/exclude clauses to already-filtered detections (see `filter_detections`)."""
     correct = True
@@ -197,7 +223,9 @@ def evaluate_clauses(
                             actual = relative_position(obj["box"], target_obj["box"], position_threshold)
                             if relation not in actual:
                                 correct = matched = False
-                                reasons.append(f"expected {name} {relation} target, found {' and '.join(actual)} target")
+                                reasons.append(
+                                    f"expected {name} {relation} target, found {' and '.join(actual)} target"
+                                )
                                 break
                         if not matched:
                             break

@@ -165,7 +165,9 @@ def generate(
             )
     manifest["indices"] = sorted(set(manifest.get("indices", [])) | set(indices))
     manifest["model"] = model_name or manifest.get("model")
-    manifest["pipeline_kwargs"] = {k: v for k, v in pipeline_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    manifest["pipeline_kwargs"] = {
+        k: v for k, v in pipeline_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))
+    }
     with open(manifest_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
 
@@ -186,7 +188,9 @@ def generate(
         else:
             with open(meta_path, "w", encoding="utf-8") as f:
                 json.dump(metadata[i], f)
-        missing = [j for j in range(n_samples) if not os.path.exists(os.path.join(folder, "samples", f"{j:04d}.png"))]
+        missing = [
+            j for j in range(n_samples) if not os.path.exists(os.path.join(folder, "samples", f"{j:04d}.png"))
+        ]
         skipped += n_samples - len(missing)
         if missing:
             todo.append((i, missing))
@@ -199,9 +203,16 @@ def generate(
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start : start + batch_size]
                 generators = [torch.Generator("cpu").manual_seed(seed + j) for j in chunk]
-                images = pipeline(prompt=[prompt] * len(chunk), generator=generators, num_images_per_prompt=1, **pipeline_kwargs).images
+                images = pipeline(
+                    prompt=[prompt] * len(chunk),
+                    generator=generators,
+                    num_images_per_prompt=1,
+                    **pipeline_kwargs,
+                ).images
                 if len(images) != len(chunk):
-                    raise RuntimeError(f"The pipeline returned {len(images)} images for {len(chunk)} prompts.")
+                    raise RuntimeError(
+                        f"The pipeline returned {len(images)} images for {len(chunk)} prompts."
+                    )
                 for j, image in zip(chunk, images):
                     _save_png_atomic(image, os.path.join(out_dir, f"{i:05d}", "samples", f"{j:04d}.png"))
                 generated += len(chunk)
@@ -223,7 +234,14 @@ class EvalOptions:
     position_threshold: float = POSITION_THRESHOLD
 
 
-def evaluate_image(image: Image.Image, metadata: Mapping, detector, color_classifier, class_names: list[str], options: EvalOptions):
+def evaluate_image(
+    image: Image.Image,
+    metadata: Mapping,
+    detector,
+    color_classifier,
+    class_names: list[str],
+    options: EvalOptions,
+):
     """Detect, classify the colours the rules will read, apply the rules. Returns (correct, reason, kept)."""
     detections = detector.detect(image, class_names)
     kept = filter_detections(
@@ -234,7 +252,9 @@ def evaluate_image(image: Image.Image, metadata: Mapping, detector, color_classi
         max_objects=options.max_objects,
         nms_threshold=options.nms_threshold,
     )
-    requests = [(name, idx) for name, idx in colour_requests(metadata, kept) if kept[name][idx].get("color") is None]
+    requests = [
+        (name, idx) for name, idx in colour_requests(metadata, kept) if kept[name][idx].get("color") is None
+    ]
     if requests:
         if color_classifier is None:
             raise ValueError("This prompt needs colour classification but no colour classifier was given.")
@@ -302,7 +322,9 @@ def evaluate(
     class_names = class_names or load_object_names()
     if isinstance(reference_metadata, str):
         if reference_metadata != "official":
-            raise ValueError(f"reference_metadata must be 'official', a list of records or None, got {reference_metadata!r}.")
+            raise ValueError(
+                f"reference_metadata must be 'official', a list of records or None, got {reference_metadata!r}."
+            )
         reference_metadata = load_metadata()
     outfile = outfile or os.path.join(image_dir, "results.jsonl")
     errors_file = outfile + ".errors.jsonl"
@@ -328,7 +350,9 @@ def evaluate(
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         # A run killed mid-write leaves a partial last line; anything else is corruption.
-                        raise ValueError(f"{outfile}:{lineno} is not valid JSON; delete the line or pass --overwrite.") from None
+                        raise ValueError(
+                            f"{outfile}:{lineno} is not valid JSON; delete the line or pass --overwrite."
+                        ) from None
                     parts = os.path.normpath(row["filename"]).split(os.sep)
                     done.add((parts[-3], parts[-1]))
     else:
@@ -338,7 +362,9 @@ def evaluate(
 
     # What should be there.
     errors: list[dict] = []
-    folders = sorted(d for d in os.listdir(image_dir) if d.isdigit() and os.path.isdir(os.path.join(image_dir, d)))
+    folders = sorted(
+        d for d in os.listdir(image_dir) if d.isdigit() and os.path.isdir(os.path.join(image_dir, d))
+    )
     expected_samples: dict[str, list[str]] = {}
     manifest_path = os.path.join(image_dir, MANIFEST)
     if os.path.exists(manifest_path):
@@ -348,9 +374,17 @@ def evaluate(
             name = f"{i:05d}"
             expected_samples[name] = [f"{j:04d}.png" for j in range(manifest["n_samples"])]
             if name not in folders:
-                errors.append({"folder": name, "filename": None, "error": f"missing prompt folder {os.path.join(image_dir, name)}"})
+                errors.append(
+                    {
+                        "folder": name,
+                        "filename": None,
+                        "error": f"missing prompt folder {os.path.join(image_dir, name)}",
+                    }
+                )
     if not folders and not errors:
-        raise FileNotFoundError(f"No prompt folders (00000, 00001, ...) in {image_dir}; run `diffalign geneval generate` first.")
+        raise FileNotFoundError(
+            f"No prompt folders (00000, 00001, ...) in {image_dir}; run `diffalign geneval generate` first."
+        )
 
     jobs: list[tuple[str, str, dict]] = []
     for folder in folders:
@@ -360,7 +394,9 @@ def evaluate(
             if reference_metadata is not None:
                 idx = int(folder)
                 if idx >= len(reference_metadata):
-                    raise ValueError(f"folder index {idx} is outside the reference metadata (0..{len(reference_metadata) - 1})")
+                    raise ValueError(
+                        f"folder index {idx} is outside the reference metadata (0..{len(reference_metadata) - 1})"
+                    )
                 if meta != reference_metadata[idx]:
                     raise ValueError(
                         f"metadata mismatch: the folder's metadata.jsonl says {meta.get('prompt')!r} but reference prompt "
@@ -370,24 +406,40 @@ def evaluate(
             errors.append({"folder": folder, "filename": None, "error": str(e)})
             continue
         sample_dir = os.path.join(folder_path, "samples")
-        present = sorted(n for n in os.listdir(sample_dir) if SAMPLE_RE.match(n)) if os.path.isdir(sample_dir) else []
+        present = (
+            sorted(n for n in os.listdir(sample_dir) if SAMPLE_RE.match(n))
+            if os.path.isdir(sample_dir)
+            else []
+        )
         for name in expected_samples.get(folder, []):
             if name not in present:
-                errors.append({"folder": folder, "filename": name, "error": f"missing sample {os.path.join(sample_dir, name)}"})
+                errors.append(
+                    {
+                        "folder": folder,
+                        "filename": name,
+                        "error": f"missing sample {os.path.join(sample_dir, name)}",
+                    }
+                )
         if not present and folder not in expected_samples:
-            errors.append({"folder": folder, "filename": None, "error": f"no samples (NNNN.png) in {sample_dir}"})
+            errors.append(
+                {"folder": folder, "filename": None, "error": f"no samples (NNNN.png) in {sample_dir}"}
+            )
         jobs.extend((folder, name, meta) for name in present if (folder, name) not in done)
 
     evaluated = 0
     with open(outfile, "a", encoding="utf-8") as out:
-        for folder, name, meta in tqdm(jobs, desc="geneval evaluate", unit="img", disable=not progress or not jobs):
+        for folder, name, meta in tqdm(
+            jobs, desc="geneval evaluate", unit="img", disable=not progress or not jobs
+        ):
             path = os.path.join(image_dir, folder, "samples", name)
             try:
                 image = _open_image(path)
             except ValueError as e:
                 errors.append({"folder": folder, "filename": name, "error": str(e)})
                 continue
-            correct, reason, kept = evaluate_image(image, meta, detector, color_classifier, class_names, options)
+            correct, reason, kept = evaluate_image(
+                image, meta, detector, color_classifier, class_names, options
+            )
             row = {
                 "filename": path,
                 "tag": meta["tag"],
@@ -395,7 +447,12 @@ def evaluate(
                 "correct": bool(correct),
                 "reason": reason,
                 "metadata": json.dumps(meta),
-                "details": json.dumps({k: [list(map(float, d["box"][:4])) + [float(d["score"])] for d in v] for k, v in kept.items()}),
+                "details": json.dumps(
+                    {
+                        k: [list(map(float, d["box"][:4])) + [float(d["score"])] for d in v]
+                        for k, v in kept.items()
+                    }
+                ),
             }
             out.write(json.dumps(row) + "\n")
             out.flush()
@@ -407,7 +464,13 @@ def evaluate(
                 f.write(json.dumps(e) + "\n")
     elif os.path.exists(errors_file):
         os.remove(errors_file)
-    report = {"results_file": outfile, "errors_file": errors_file if errors else None, "evaluated": evaluated, "reused": len(done), "errors": errors}
+    report = {
+        "results_file": outfile,
+        "errors_file": errors_file if errors else None,
+        "evaluated": evaluated,
+        "reused": len(done),
+        "errors": errors,
+    }
     if errors and raise_on_error:
         raise GenEvalErrors(errors, errors_file, outfile)
     return report

@@ -102,15 +102,23 @@ def format_table(summaries: Mapping[str, Mapping]) -> str:
     for tag in tags:
         lines.append(f"{tag:<16}" + "".join(f"{cell(summaries[n], tag):>{width + 2}}" for n in names))
     lines.append("-" * len(lines[0]))
-    for key, label in (("overall", "overall"), ("correct_images", "images correct"), ("correct_prompts", "prompts any")):
+    for key, label in (
+        ("overall", "overall"),
+        ("correct_images", "images correct"),
+        ("correct_prompts", "prompts any"),
+    ):
         lines.append(f"{label:<16}" + "".join(f"{summaries[n][key]:>{width + 2}.4f}" for n in names))
     for key, label in (("images", "# images"), ("prompts", "# prompts"), ("errors", "# errors")):
         lines.append(f"{label:<16}" + "".join(f"{summaries[n][key]:>{width + 2}d}" for n in names))
     for n in names:
         if summaries[n]["missing_tasks"]:
-            lines.append(f"note: {n} has no results for {summaries[n]['missing_tasks']}; its overall averages the others.")
+            lines.append(
+                f"note: {n} has no results for {summaries[n]['missing_tasks']}; its overall averages the others."
+            )
         if summaries[n]["errors"]:
-            lines.append(f"note: {n} skipped {summaries[n]['errors']} image(s)/folder(s) that could not be evaluated.")
+            lines.append(
+                f"note: {n} skipped {summaries[n]['errors']} image(s)/folder(s) that could not be evaluated."
+            )
     return "\n".join(lines)
 
 
