@@ -435,6 +435,31 @@ def test_cache_with_tiny_sdxl_adapter_and_cli(tmp_path, hf_cache):
     assert main(argv) == 0  # resume: nothing left to do
 
 
+WORKER = """
+import sys
+import torch.nn.functional as F
+from diffalign.data import PairwiseDataset, build_cache
+
+
+class Adapter:  # the FakeAdapter of test_data.py, without pytest
+    fingerprint = "fake-v1"
+
+    def encode_images(self, pixel_values):
+        return F.avg_pool2d(pixel_values, 4)
+
+    def encode_prompts(self, prompts):
+        import torch
+        codes = torch.tensor([[float(sum(map(ord, p)) % 97), float(len(p))] for p in prompts])
+        return {"prompt_embeds": codes[:, None, :].expand(-1, 3, -1).clone(), "pooled_prompt_embeds": codes * 2}
+
+
+data, out, hf_cache = sys.argv[1:4]
+ds = PairwiseDataset(data, resolution=16, cache_dir=hf_cache)
+summary = build_cache(ds, Adapter(), out, batch_size=2, shard_size=1)  # rank / world size from accelerate
+print("WROTE", summary["written"])
+"""
+
+
 @pytest.mark.slow
 def test_cache_two_processes_match_one(tmp_path, hf_cache):
     """torchrun with 2 CPU processes: each writes its shards (s % 2 == rank); the result equals a 1-process build."""
@@ -442,20 +467,19 @@ def test_cache_two_processes_match_one(tmp_path, hf_cache):
     import subprocess
     import sys
 
-    from diffalign.families import load_family
-
-    path = write(ranked_table(n=5, k=2), tmp_path / "r.parquet")
+    path = write(pairwise_table(labels=(1.0, 0.0, 1.0, 0.0, 1.0)), tmp_path / "p.parquet")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffalign.cli",
-         "cache", "--data", path, "--model", "tiny:sdxl", "--resolution", "32", "--shard_size", "1",
-         "--hf_cache_dir", hf_cache, "--out", str(tmp_path / "two")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), path,
+         str(tmp_path / "two"), hf_cache],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "cache [1/2]" in two.stderr and "cache [2/2]" in two.stderr  # both processes took part
-    ds = RankedDataset(path, resolution=32, cache_dir=hf_cache)
-    build_cache(ds, load_family("tiny:sdxl", seed=0), tmp_path / "one", shard_size=1, progress=False)
+    assert sorted(line for line in two.stdout.splitlines() if line.startswith("WROTE")) == ["WROTE [0, 2, 4]", "WROTE [1, 3]"]
+    ds = PairwiseDataset(path, resolution=16, cache_dir=hf_cache)
+    build_cache(ds, FakeAdapter(), tmp_path / "one", batch_size=2, shard_size=1, progress=False)
     a, b = CachedDataset(tmp_path / "two"), CachedDataset(tmp_path / "one")
     assert len(a) == len(b) == 5
     for i in range(5):
