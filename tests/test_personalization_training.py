@@ -160,3 +160,39 @@ def test_ppd_through_the_trainer_two_steps(encoder, tmp_path):
             assert torch.equal(p.detach(), frozen_before[name]), name
     hook.save(str(tmp_path / "ppd"))
     assert (tmp_path / "ppd" / "user_attention.safetensors").exists()
+
+
+class _FakePipe:
+    """Stands in for a personalized pipeline: the image's red level is the mean of the user embedding."""
+
+    def __call__(self, prompt, generator, output_type, user_embedding=None, **kwargs):
+        level = 0.0 if user_embedding is None else float(user_embedding.mean())
+        noise = torch.rand(1, generator=generator).item() * 1e-3
+        image = torch.zeros(1, 3, 4, 4)
+        image[:, 0] = 0.5 + 0.4 * torch.tanh(torch.tensor(level)) + noise
+        image[:, 2] = 0.5 - 0.4 * torch.tanh(torch.tensor(level)) + noise
+        return type("Out", (), {"images": image})()
+
+
+def test_win_rates_and_interpolation_monotonicity():
+    from diffalign.personalization.evaluation import interpolation_monotonicity, win_rates
+
+    class MeanEncoder(torch.nn.Module):
+        def forward(self, examples):  # +1 per red-preferring example, -1 per blue-preferring one
+            return torch.tensor([[1.0 if e.prompt == "red" else -1.0 for e in examples]]).mean().view(1, 1).expand(2, 3)
+
+    warm, cool = SyntheticUser("warm", {"toy_red": 1.0}), SyntheticUser("cool", {"toy_blue": 1.0})
+    users = {
+        "warm": ([UserExample("red", None, None)] * 4, warm.score),
+        "cool": ([UserExample("blue", None, None)] * 4, cool.score),
+    }
+    table = win_rates(_FakePipe(), MeanEncoder(), users, ["p"], seeds=[0, 1, 2], num_examples=(1, 4))
+    assert table["users"]["warm"]["4"]["win_rate"] == 1.0 and table["users"]["cool"]["1"]["win_rate"] == 1.0
+    assert table["mean_win_rate"]["4"] == 1.0
+    with pytest.raises(ValueError, match="cannot evaluate N=8"):
+        win_rates(_FakePipe(), MeanEncoder(), users, ["p"], seeds=[0], num_examples=(8,))
+    report = interpolation_monotonicity(_FakePipe(), torch.ones(2, 3), -torch.ones(2, 3), warm.score, cool.score, ["p"], [0, 1])
+    assert report["monotone_a"] and report["monotone_b"]
+    assert report["spearman_a"] == pytest.approx(-1.0) and report["spearman_b"] == pytest.approx(1.0)
+    flat = interpolation_monotonicity(_FakePipe(), torch.zeros(2, 3), torch.zeros(2, 3), warm.score, cool.score, ["p"], [0])
+    assert flat["spearman_a"] is None  # constant rewards: no trend to report

@@ -37,6 +37,7 @@ from diffalign.personalization.training import (
     SyntheticUser,
     UserSplit,
     contexts_from_dataset,
+    dataset_user_ids,
     split_users,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "TOY_REWARDS",
     "UserSplit",
     "contexts_from_dataset",
+    "dataset_user_ids",
     "split_users",
     "USER_ENCODERS",
     "ClipUserEncoder",

@@ -211,6 +211,16 @@ def split_users(
     )
 
 
+def dataset_user_ids(dataset) -> list[str | None]:
+    """The user_id of every item of a data-room `PairwiseDataset`, read from the Arrow column (no image decoding)."""
+    from diffalign.data.sources import arrow_column
+
+    if "user_id" not in getattr(dataset, "columns", {}):
+        raise ValueError("the data set has no user_id column; PPD needs Pick-a-Pic-style rows with user_id")
+    column = arrow_column(dataset.hf, "user_id").to_pylist()
+    return [None if column[int(r)] is None else str(column[int(r)]) for r in dataset.rows]
+
+
 def contexts_from_dataset(dataset, split: UserSplit) -> dict[str, list[UserExample]]:
     """Context examples per user from a pairwise data set whose items carry pixel_values (2, 3, H, W),
     scores (2,) and prompt (the data room's item format): chosen is the higher-scored image."""
