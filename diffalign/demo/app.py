@@ -31,8 +31,9 @@ from diffalign.demo.validation import (  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
+# Tiny models make 64 px images: show them large, with crisp pixels.
 CSS = """
-.pixelated img { image-rendering: pixelated; }
+.pixelated img { image-rendering: pixelated; width: 100% !important; height: 100% !important; object-fit: contain; }
 """
 
 

@@ -91,13 +91,14 @@ class Personalizer:
                         if param.dim() == 2:
                             torch.nn.init.normal_(param, std=0.5 / param.shape[1] ** 0.5, generator=torch.Generator().manual_seed(0))
                 self.notices.append(
-                    "No `--user-adapter`: the user branch and the user encoder are RANDOM (tiny fallback). "
+                    "No `--user-adapter`: the user branch and the user encoder (tiny open_clip) are RANDOM. "
                     "The personalized image changes with your choices, but not toward your taste."
                 )
             else:
                 self.notices.append(
                     "No `--user-adapter`: the user branch is fresh (zero-initialised output), so the personalized "
-                    "image equals the base exactly. Pass a PPD checkpoint with `--user-adapter`."
+                    "image equals the base exactly, and the user encoder is the tiny RANDOM open_clip. Pass a PPD "
+                    "checkpoint with `--user-adapter`."
                 )
         denoiser.to(device=models.device)
         cls = PersonalizedStableDiffusionXLPipeline if models.family == "sdxl" else PersonalizedStableDiffusion3Pipeline
@@ -118,10 +119,11 @@ class Personalizer:
                 meta = json.loads(_metadata(head)[ENCODER_KEY])
                 dim, tokens = int(meta["dim"]), int(meta["num_tokens"])
             encoder = p.tiny_clip_user_encoder(dim=dim, num_tokens=tokens, seed=0)
-            self.notices.append(
-                f"The user encoder's CLIP backbone is the tiny RANDOM open_clip model (no `{ENCODER_CONFIG}` "
-                "next to the user adapter names a real one)."
-            )
+            if user_adapter:
+                self.notices.append(
+                    f"The user encoder's CLIP backbone is the tiny RANDOM open_clip model (no `{ENCODER_CONFIG}` "
+                    "next to the user adapter names a real one)."
+                )
         if head is not None:
             encoder.load_head(head)
         elif user_adapter:

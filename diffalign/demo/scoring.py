@@ -41,7 +41,8 @@ def default_reward_specs() -> tuple[list[str], str]:
         return [TOY_REWARD], ""
     if "clip_score" in names:
         return (
-            [f"clip_score:model_name='{rewards.TINY_CLIP}',random_init=True"],
+            # torchmetrics form (100 * cos): the hessel form clamps a random model's negative cosines to 0.
+            [f"clip_score:model_name='{rewards.TINY_CLIP}',random_init=True,form='torchmetrics'"],
             f"Reward `clip_score` uses the tiny open_clip config `{rewards.TINY_CLIP}` with RANDOM weights (nothing is "
             "downloaded): its numbers show the plumbing, not quality. Pass `--rewards` for real reward models "
             "(e.g. `--rewards pickscore clip_score:model_name=ViT-L-14,pretrained=openai`).",

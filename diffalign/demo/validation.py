@@ -100,4 +100,5 @@ def open_image_upload(upload, max_bytes: int, max_pixels: int) -> Image.Image:
     except DemoInputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise DemoInputError(f"the upload {name!r} is not a readable image ({type(e).__name__}: {e}); upload a PNG or JPEG.") from None
+        detail = str(e).replace(path, name)  # no server paths in messages
+        raise DemoInputError(f"the upload {name!r} is not a readable image ({type(e).__name__}: {detail}); upload a PNG or JPEG.") from None
