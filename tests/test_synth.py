@@ -199,7 +199,10 @@ def test_end_to_end_interrupted_and_resumed_equals_clean_run(tmp_path):
 
 def test_processes_split_the_chunks(tmp_path):
     """Two ranks (run one after the other with a stand-in state) write disjoint chunks that cover all prompts."""
-    cfg = _config(tmp_path, tmp_path / "split")
+    cfg = _config(tmp_path, tmp_path / "split", skip_bad_prompts=True)
+    # Two bad prompts (empty, 82 tokens) are skipped and counted; the kept prompts keep their source ids.
+    (tmp_path / "bad.txt").write_text("\n".join(PROMPTS[:4] + ["", "word " * 80] + PROMPTS[4:]) + "\n")
+    cfg.prompts = str(tmp_path / "bad.txt")
     cfg.generators = [GeneratorSpec.parse("tiny:sd3:0,steps=1,size=32,n=2")]
     cfg.rewards = [RewardSpec.parse(REWARDS[0])]
     written = []
@@ -209,14 +212,21 @@ def test_processes_split_the_chunks(tmp_path):
                                 wait_for_everyone=lambda: None)
         if rank == 1:  # the main process writes the run's config first
             os.makedirs(cfg.output_dir)
+            kept, _ = check_prompts(load_prompts(cfg.prompts), skip_bad_prompts=True)
             with open(os.path.join(cfg.output_dir, "synth_config.json"), "w") as f:
-                json.dump(json.loads(json.dumps(cfg.fingerprint(load_prompts(cfg.prompts)))), f)
+                json.dump(json.loads(json.dumps(cfg.fingerprint(kept))), f)
         stats = run_synth(cfg, state=state)
+        assert stats.skipped_bad_prompts == 2 and stats.num_prompts == 8
         written.append(sorted(p.name for p in (tmp_path / "split").glob("*.parquet")))
         assert stats.shards_written == (1 if rank == 1 else 2)
     assert written[0] == ["data-00001-of-00003.parquet"]
     records = _records(read_synpic(str(tmp_path / "split")))
     assert len(records) == 16 and len(set(records)) == 16
+    assert sorted({r[0] for r in records}, key=int) == ["0", "1", "2", "3", "6", "7", "8", "9"]
+    # Without the flag the run stops before generating anything and names the bad prompts.
+    cfg.skip_bad_prompts = False
+    with pytest.raises(ValueError, match=r"#4 \(id '4', ''\): empty"):
+        run_synth(cfg, state=state)
 
 
 def test_cli_killed_and_resumed(tmp_path):
@@ -240,7 +250,8 @@ def test_cli_killed_and_resumed(tmp_path):
             break
         time.sleep(0.05)
     killed = proc.poll() is None
-    proc.send_signal(signal.SIGKILL) if killed else None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
     shards_before = len(list(out.glob("*.parquet")))
     assert shards_before < 2, "the run finished before it could be killed; the test needs a slower kill point"

@@ -31,6 +31,6 @@ def imagereward(model_name_or_path: str = "ImageReward-v1.0", **kwargs) -> Image
         import ImageReward as RM
     except ImportError as e:
         raise ImportError("the 'imagereward' reward needs the optional ImageReward package: "
-                          "pip install image-reward (or pip install 'diffalign[imagereward]')") from e
+                          "pip install image-reward") from e
     device = kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     return ImageReward(RM.load(model_name_or_path, device=str(device)), **kwargs)

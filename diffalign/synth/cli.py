@@ -62,6 +62,7 @@ def main(args) -> int:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+        log.propagate = False  # accelerate/torchrun may give the root logger a handler too: no double lines
     log.setLevel(logging.INFO)
     values = _load_config_file(args.config) if args.config else {}
     for key in ("prompts", "prompt_field", "prompt_id_field", "prompt_split", "limit", "generators", "rewards",
