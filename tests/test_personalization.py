@@ -362,3 +362,18 @@ def _examples(n, seed=0):
         UserExample(f"prompt {i}", torch.rand(3, 32, 32, generator=g) * 2 - 1, torch.rand(3, 32, 32, generator=g) * 2 - 1)
         for i in range(n)
     ]
+
+
+def test_float32_user_weights_on_a_bf16_model(base_pipes):
+    model = copy.deepcopy(base_pipes["sd3"].transformer).to(torch.bfloat16)
+    add_user_attention(model, encoder_dim=ENC_DIM, seed=0)
+    for p in user_attention_parameters(model):  # as the trainer keeps trainable weights
+        p.data = p.data.float()
+    _perturb(model)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in _inputs("sd3").items()}
+    with torch.no_grad():
+        base = _run(model, inputs)
+        with user_condition(model, torch.randn(2, 3, ENC_DIM)):
+            out = _run(model, inputs)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert (out.float() - base.float()).abs().max() > 0

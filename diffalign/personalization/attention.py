@@ -140,8 +140,9 @@ def _user_branch(attn, hidden_states: torch.Tensor, tokens: torch.Tensor) -> tor
         query = attn.norm_q(query)
     user = attn.user_attention
     tokens = tokens.to(dtype=user.user_key.weight.dtype)
-    key = user.user_key(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
-    value = user.user_value(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
+    # The user weights may be kept in float32 while the base runs in bf16/fp16: meet at the query's dtype.
+    key = user.user_key(tokens).to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
+    value = user.user_value(tokens).to(query.dtype).view(batch, -1, heads, head_dim).transpose(1, 2)
     branch = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
     branch = branch.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
     # The layer's output projection is linear: to_out(h + b) = to_out(h) + W_out b. Its bias is already

@@ -105,13 +105,14 @@ class PPDConditioning:
         return user_attention_disabled(model)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """User-attention weights (+ the encoder head); sets requires_grad on them."""
+        """User-attention weights (+ the encoder head), trainable and in float32 (the base may be bf16)."""
         if self.model is None:
             raise ValueError("call PPDConditioning.attach(denoiser) before building the trainer")
         params = user_attention_parameters(self.model)
         if self.train_encoder_head:
             params += self.encoder.head_parameters()
         for p in params:
+            p.data = p.data.float()
             p.requires_grad_(True)
         return params
 
