@@ -31,11 +31,10 @@ MMDET_CHECKPOINT_URL = (
     "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco_20220504_001756-743b7d99.pth"
 )
 MMDET_INSTALL = (
-    "The 'mmdet' GenEval detector needs mmcv-full 1.x and mmdet 2.x, which GenEval pins "
-    "(it used mmcv-full==1.7.1 with torch 1.12/CUDA 11.3). Install them with, e.g.:\n"
-    "  pip install -U openmim && mim install mmcv-full==1.7.1\n"
-    "  git clone https://github.com/open-mmlab/mmdetection.git && cd mmdetection && git checkout 2.x && pip install -v -e .\n"
-    "or use the pip-only back-end: --detector mask2former."
+    "The 'mmdet' GenEval detector needs mmdet 2.x and mmcv-full 1.x, which GenEval pins "
+    "(it used mmcv-full==1.7.1 with torch 1.12 / CUDA 11.3). Install them with, e.g.:\n"
+    '  pip install "diffalign[geneval-mmdet]" && mim install mmcv-full==1.7.1\n'
+    "(mmcv-full needs a build matching your torch and CUDA), or use the pip-only back-end: --detector mask2former."
 )
 
 
@@ -237,8 +236,8 @@ class MMDetDetector:
         try:
             import mmdet
             from mmdet.apis import inference_detector, init_detector
-        except ImportError as e:
-            raise ImportError(MMDET_INSTALL) from e
+        except (ImportError, AssertionError) as e:  # mmdet 2.x asserts a compatible mmcv version on import
+            raise ImportError(f"{MMDET_INSTALL}\n(import failed with: {type(e).__name__}: {e})") from e
         if checkpoint is None or not os.path.isfile(checkpoint):
             raise FileNotFoundError(
                 f"mmdet checkpoint not found: {checkpoint!r}. Download it (as GenEval's download_models.sh does) from\n"
