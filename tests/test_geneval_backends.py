@@ -199,3 +199,10 @@ def test_color_classifier_recipe(tmp_path_factory):
     want = (torch.nn.functional.normalize(feats.float(), dim=-1) @ weights).argmax(1).tolist()
     assert got == [COLORS[i] for i in want]
     assert clf.classify(image, [], "car") == []
+
+
+def test_toyworld_detector_loads_lazily_through_the_registry():
+    det = load_detector("toyworld")
+    assert type(det).__module__ == "diffalign.toyworld.detector"
+    out = det.detect(Image.new("RGB", (64, 64), (200, 200, 200)), ["circle"])
+    assert isinstance(out, dict) and all(isinstance(v, list) for v in out.values())
