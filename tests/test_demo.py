@@ -351,3 +351,76 @@ def test_benchmark_accuracy_is_mean_of_task_means(tmp_path):
     with pytest.raises(DemoInputError, match="lacks"):
         bench.load_run(str(tmp_path))
     shutil.rmtree(tmp_path)
+
+
+def test_saved_pipeline_folder_and_toy_checkpoint_load(tmp_path, monkeypatch):
+    """`--base toy` loads a diffusers folder from toyworld/checkpoints; `--base PATH` loads any folder."""
+    import torch
+
+    from diffalign.testing import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline(0)
+    pipe.save_pretrained(str(tmp_path / "toy-sdxl"))
+    monkeypatch.setattr(demo_models, "TOY_CHECKPOINT_DIR", str(tmp_path))
+    models = demo_models.DemoModels("toy", device="cpu")
+    assert (models.source.kind, models.family, models.native_size) == ("toy", "sdxl", SIZE)
+    image = models.generate(PROMPT, 3, STEPS, SIZE, 5.0)
+    expected = pipe(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, guidance_scale=5.0,
+                    generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+    assert demo_models.DemoModels(str(tmp_path / "toy-sdxl"), device="cpu").source.kind == "pretrained"
+    verdict = Scorer([], device="cpu", model_kind="toy").verdict(image, PROMPT)
+    assert verdict["available"] and verdict["task"] == "colors"
+
+
+def test_user_adapter_checkpoint_zero_init_and_interpolation(tmp_path):
+    import torch
+
+    from diffalign import personalization as P
+    from diffalign.demo.personalize import Personalizer
+
+    models = demo_models.DemoModels("tiny:sdxl", device="cpu")
+    unet = models.pipe.unet
+    # A "trained" adapter: random user-attention weights and encoder head, saved as PPD writes them.
+    encoder = P.tiny_clip_user_encoder(dim=32, num_tokens=4, seed=1)
+    P.add_user_attention(unet, encoder_dim=32, seed=1)
+    with torch.no_grad():
+        for param in P.user_attention_parameters(unet):
+            param.normal_(0, 0.2)
+    saved = {k: v.clone() for k, v in P.user_attention_state_dict(unet).items()}
+    (tmp_path / "ppd").mkdir()
+    P.save_user_attention(unet, str(tmp_path / "ppd" / "user_attention.safetensors"))
+    P.remove_user_attention(unet)
+    with pytest.raises(ValueError, match="no user-encoder head"):
+        Personalizer(models, str(tmp_path / "ppd"))
+    assert not P.has_user_attention(unet)  # nothing half-installed
+    encoder.save_head(str(tmp_path / "ppd" / "user_encoder_head.safetensors"))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Personalizer(models, str(tmp_path / "missing"))
+
+    p = Personalizer(models, str(tmp_path / "ppd"))
+    assert p.trained
+    loaded = P.user_attention_state_dict(unet)
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+    assert all(torch.equal(a, b) for a, b in zip(p.encoder.head.state_dict().values(), encoder.head.state_dict().values()))
+    pairs = p.pairs(PROMPT, 100, STEPS, SIZE, 5.0)
+    emb_a = p.embed(p.examples(PROMPT, pairs, ["left", "left", "left", "left"], []))
+    emb_b = p.embed(p.examples(PROMPT, pairs, ["right", "right", "right", "right"], []))
+    assert not torch.allclose(emb_a, emb_b)
+    image = lambda emb: np.asarray(p.generate(PROMPT, emb, 0, STEPS, SIZE, 5.0))  # noqa: E731
+    img_a, img_b = image(emb_a), image(emb_b)
+    assert np.array_equal(image(p.interpolate(emb_a, emb_b, 0.0)), img_a)
+    assert np.array_equal(image(p.interpolate(emb_a, emb_b, 1.0)), img_b)
+    mid = image(p.interpolate(emb_a, emb_b, 0.5))
+    assert not np.array_equal(mid, img_a) and not np.array_equal(mid, img_b)
+    # Without a user the shared UNet is the base model again.
+    base = np.asarray(models.generate(PROMPT, 0, STEPS, SIZE, 5.0))
+    P.remove_user_attention(unet)
+    assert np.array_equal(base, np.asarray(models.generate(PROMPT, 0, STEPS, SIZE, 5.0)))
+
+    # A trained base without --user-adapter gets a fresh, zero-initialised branch: "for you" == base, as the notice says.
+    models.source.kind = "toy"
+    fresh = Personalizer(models, None)
+    assert not fresh.trained and "equals the base exactly" in fresh.notices[-1]
+    emb = fresh.embed(fresh.examples(PROMPT, pairs, ["left", None, None, None], []))
+    assert np.array_equal(np.asarray(fresh.generate(PROMPT, emb, 0, STEPS, SIZE, 5.0)), base)
