@@ -107,6 +107,19 @@ def _full_size_pickscore(device, dtype):
                                                                  tokenizer=clip_tokenizer()), "dtype": dtype}
 
 
+def _write(path, device, batch_sizes, repeats, rows, errors):
+    result = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({platform.processor() or 'x86'})",
+        "torch_threads": torch.get_num_threads(),
+        "batch_sizes": batch_sizes,
+        "repeats": repeats,
+        "rows": rows,
+        "errors": errors,
+    }
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def _table(rows):
     lines = ["| kind | model | size | batch | images/s or rewards/s | repeats |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -125,11 +138,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="tiny generation steps")
     p.add_argument("--full-size", action="store_true", help="also full-size reward architectures (GPU only)")
     p.add_argument("--cpu-dry-run", action="store_true", help="CPU, batch sizes 1,4, one repeat")
-    p.add_argument("--time-budget", type=float, default=50.0, help="seconds; later cells are skipped after it")
+    p.add_argument("--time-budget", type=float, default=40.0, help="seconds; later cells are skipped after it")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     args = p.parse_args(argv)
 
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.cpu_dry_run else "cpu"))
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     repeats = args.repeats
     if args.cpu_dry_run:
@@ -143,8 +157,8 @@ def main(argv=None) -> int:
         ("reward", ("clip_score", tiny_clip, "clip_score[tiny]", 64)),
         ("reward", ("aesthetic", {"clip_model": "diffalign-tiny-clip", "random_init": True}, "aesthetic[tiny]", 64)),
     ]
-    if args.full_size and device.type == "cuda":
-        fp16 = torch.float16
+    if args.full_size and (device.type == "cuda" or args.device == "cpu"):
+        fp16 = torch.float16 if device.type == "cuda" else torch.float32
         # First: on a GPU the full-size rewards are the numbers that matter, and the time budget is short.
         plan = [
             ("reward", ("clip_score", {"model_name": "ViT-L-14", "random_init": True, "dtype": fp16},
@@ -166,25 +180,17 @@ def main(argv=None) -> int:
             else:
                 name, kwargs, label, size = what
                 if kwargs == "full-pickscore":
-                    kwargs = _full_size_pickscore(device, torch.float16)
+                    kwargs = _full_size_pickscore(device, fp16)
                 rows += bench_reward(name, kwargs, batch_sizes, repeats, device, size, deadline, label)
         except Exception as e:  # one broken cell must not lose the others' numbers; the error is recorded
             errors.append({"cell": label, "error": f"{type(e).__name__}: {e}"})
             print(f"{label} failed: {e!r}", file=sys.stderr)
         print(f"{kind} {label}: {time.time() - t0:.1f}s", file=sys.stderr)
+        _write(args.out, device, batch_sizes, repeats, rows, errors)  # after every cell: a timeout keeps what ran
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({platform.processor() or 'x86'})",
-        "torch_threads": torch.get_num_threads(),
-        "batch_sizes": batch_sizes,
-        "repeats": repeats,
-        "rows": rows,
-        "errors": errors,
-    }
     print(_table(rows))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    _write(args.out, device, batch_sizes, repeats, rows, errors)
     print(f"wrote {args.out}")
     return 1 if errors else 0
 
