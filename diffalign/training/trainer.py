@@ -378,6 +378,39 @@ class PreferenceTrainer:
         loss, metrics = compute(cfg.loss_name, err_policy, err_ref, scores, **beta, **kwargs)
         return loss.float(), metrics
 
+    def optimizer_step(self, batches: list[dict], step: int, micro_step: int) -> dict[str, float]:
+        """One optimiser update over `batches` (the gradient-accumulation micro-batches); returns the
+        loss and metrics averaged over micro-batches and processes. `step` is the number of updates done."""
+        acc = self.accelerator
+        sums: dict[str, float] = {}
+        n = len(batches)
+        for j, batch in enumerate(batches):
+            ctx = contextlib.nullcontext() if j == n - 1 else acc.no_sync(self.denoiser)
+            with ctx:
+                try:
+                    loss, metrics = self.compute_loss(batch, micro_step + j)
+                    global_loss = acc.reduce(loss.detach().reshape(1), reduction="mean")
+                    if not torch.isfinite(global_loss).all():
+                        raise _NonFinite(float(global_loss))
+                except _NonFinite as e:
+                    self._fail_non_finite(step + 1, micro_step + j, e.value)
+                acc.backward(loss / n)
+            # One all-reduce for the loss and every metric.
+            names = ["loss", *metrics]
+            values = torch.stack([loss.detach().float(), *(m.detach().float().to(self.device) for m in metrics.values())])
+            values = acc.reduce(values, reduction="mean").cpu().tolist()
+            for name, value in zip(names, values):
+                sums[name] = sums.get(name, 0.0) + value / n
+        if self.config.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+            sums["grad_norm"] = float(grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.trainable)
+        return sums
+
     # ------------------------------------------------------------------------------------------
     def _resume(self) -> int:
         cfg, acc = self.config, self.accelerator
@@ -487,35 +520,9 @@ class PreferenceTrainer:
         self.denoiser.train()
         while step < cfg.max_train_steps:
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            for j in range(accum):
-                batch = next(data_iter)
-                sync = j == accum - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.denoiser)
-                with ctx:
-                    try:
-                        loss, metrics = self.compute_loss(batch, micro_step)
-                        global_loss = acc.reduce(loss.detach().reshape(1), reduction="mean")
-                        if not torch.isfinite(global_loss).all():
-                            raise _NonFinite(float(global_loss))
-                    except _NonFinite as e:
-                        self._fail_non_finite(step + 1, micro_step, e.value)
-                    acc.backward(loss / accum)
-                micro_step += 1
-                # One all-reduce for the loss and every metric.
-                names = ["loss", *metrics]
-                values = torch.stack([loss.detach().float(), *(m.detach().float().to(self.device) for m in metrics.values())])
-                values = acc.reduce(values, reduction="mean").cpu().tolist()
-                for name, value in zip(names, values):
-                    sums[name] = sums.get(name, 0.0) + value / accum
-            if cfg.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                sums["grad_norm"] = float(grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                self.ema.step(self.trainable)
+            batches = [next(data_iter) for _ in range(accum)]
+            sums = self.optimizer_step(batches, step, micro_step)
+            micro_step += accum
             step += 1
             dt = time.perf_counter() - t0
             step_times.append(dt)
