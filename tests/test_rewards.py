@@ -313,3 +313,20 @@ def test_eval_script_scores_folders_and_compares(tmp_path, capsys):
     assert "| clip_score |" in printed and "win rate a vs b" in printed
     with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
         module.main(["--images", str(tmp_path), "--reward", "clip_score"])
+
+
+def test_resolve_file_local_or_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from diffalign.rewards.base import resolve_file
+
+    local = tmp_path / "w.pt"
+    local.write_bytes(b"x")
+    assert resolve_file(str(local), "w") == str(local)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename: calls.append((repo_id, filename)) or "/cache/f")
+    assert resolve_file("xswu/HPSv2/HPS_v2.1_compressed.pt", "hps") == "/cache/f"
+    assert calls == [("xswu/HPSv2", "HPS_v2.1_compressed.pt")]
+    with pytest.raises(FileNotFoundError, match="neither a local file"):
+        resolve_file(str(tmp_path / "missing.pt"), "hps checkpoint")

@@ -183,6 +183,13 @@ def test_end_to_end_interrupted_and_resumed_equals_clean_run(tmp_path):
     best = first["rank"].index(1)
     assert pairs[0]["jpg_0"] == first["images"][best] and pairs[0]["caption"] == first["prompt"]
 
+    from diffalign.synth import export_pairwise
+
+    assert export_pairwise(str(tmp_path / "clean"), str(tmp_path / "all"), mode="all_pairs") == 8  # k=2: one pair each
+    for row, pair in zip(a.to_pylist(), pq.read_table(str(tmp_path / "all")).to_pylist()):
+        p0, p1 = row["phi"]
+        assert pair["jpg_0"] == row["images"][0] and pair["label_0"] == (1.0 if p0 > p1 else 0.0 if p0 < p1 else 0.5)
+
     # A restart with other arguments is refused instead of mixing two runs.
     bad = _config(tmp_path, tmp_path / "resumed")
     bad.generators[0].steps = 3
@@ -264,3 +271,16 @@ def test_cli_killed_and_resumed(tmp_path):
     assert len(records) == 16 and len(set(records)) == 16
     assert sorted(r["prompt_id"] for r in table.to_pylist()) == sorted(str(i) for i in range(8))
     assert not (out / ".progress").exists()
+
+
+def test_config_from_dict_accepts_spec_strings_and_dicts(tmp_path):
+    from diffalign.synth import config_from_dict
+
+    cfg = config_from_dict({"prompts": "p.txt", "output_dir": "o",
+                            "generators": ["tiny:sdxl:0,steps=2", {"source": "tiny:sd3:1", "steps": 3, "id": "b"}],
+                            "rewards": [{"name": "clip_score", "kwargs": {"random_init": True}}]})
+    assert [g.id for g in cfg.generators] == ["tiny:sdxl:0", "b"] and cfg.generators[1].steps == 3
+    assert cfg.rewards[0].kwargs == {"random_init": True} and cfg.k == 2
+    with pytest.raises(ValueError, match="unknown synth config key"):
+        config_from_dict({"prompts": "p.txt", "output_dir": "o", "generators": GENERATORS, "rewards": REWARDS,
+                          "chunksize": 3})
