@@ -235,6 +235,12 @@ def test_benchmark_tab_reads_results_folders(server):
     assert table["data"] == [["run_a", 0.0, 0.5, 0.25, 4], ["run_b", 0.5, 1.0, 0.75, 4]]
     with pytest.raises(AppError, match="no results.jsonl"):
         client.predict("/no/such/results", api_name="/benchmark")
+    # The failure browser (a UI follow-up of /benchmark): image, prompt and reason of each failure.
+    state = server["demo"].diffalign_state
+    gallery, note = state.failures("run_a", bench.load_runs(run_a))
+    assert [caption for _, caption in gallery] == [
+        "[colors] prompt 1 -- reason 1", "[counting] prompt 2 -- reason 2", "[counting] prompt 3 -- reason 3"]
+    assert all(im.size == (32, 32) for im, _ in gallery) and note.startswith("3 failures of 4 images")
 
 
 # ---------------------------------------------------------------------------------------------- browser

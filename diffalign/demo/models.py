@@ -127,15 +127,19 @@ def load_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype)
         from diffalign import testing
 
         pipe = testing.tiny_sdxl_pipeline(0) if source.family == "sdxl" else testing.tiny_sd3_pipeline(0)
+    elif source.kind == "toy":
+        from diffalign.toyworld.pretrain import load_toy_pipeline  # the toy room's loader (toy-sd3 has no T5)
+
+        pipe = load_toy_pipeline(source.family, source.location, device="cpu")
     else:
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(
-            source.location, torch_dtype=dtype, use_safetensors=True, local_files_only=source.kind == "toy"
+            source.location, torch_dtype=dtype, use_safetensors=True
         )
     source.family = family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
-    if source.kind == "tiny" and dtype != torch.float32:
+    if source.kind != "pretrained" and dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)  # from_pretrained already loaded the others in `dtype`
     return pipe.to(device)
 
