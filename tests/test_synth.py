@@ -281,6 +281,9 @@ def test_config_from_dict_accepts_spec_strings_and_dicts(tmp_path):
                             "rewards": [{"name": "clip_score", "kwargs": {"random_init": True}}]})
     assert [g.id for g in cfg.generators] == ["tiny:sdxl:0", "b"] and cfg.generators[1].steps == 3
     assert cfg.rewards[0].kwargs == {"random_init": True} and cfg.k == 2
+    with pytest.raises(ValueError, match="inside output_dir"):
+        config_from_dict({"prompts": "p.txt", "output_dir": "o", "generators": GENERATORS, "rewards": REWARDS,
+                          "pairwise_dir": "o/pairs"})
     with pytest.raises(ValueError, match="unknown synth config key"):
         config_from_dict({"prompts": "p.txt", "output_dir": "o", "generators": GENERATORS, "rewards": REWARDS,
                           "chunksize": 3})

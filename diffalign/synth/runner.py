@@ -73,6 +73,12 @@ class SynthConfig:
             raise ValueError("k = total images per prompt must be >= 2 to rank; add a generator or raise n=")
         if self.chunk_size < 1 or self.chunks_per_pass < 1:
             raise ValueError("chunk_size and chunks_per_pass must be >= 1")
+        if self.pairwise_dir is not None:
+            out, pairs = os.path.abspath(self.output_dir), os.path.abspath(self.pairwise_dir)
+            if os.path.commonpath([out, pairs]) == out:
+                # Readers take every *.parquet under output_dir as Syn-Pic rows.
+                raise ValueError(f"pairwise_dir {self.pairwise_dir!r} is inside output_dir {self.output_dir!r}; "
+                                 "put the pairs in a folder of their own")
 
     @property
     def k(self) -> int:
