@@ -80,7 +80,7 @@ class DemoState:
         self.config = config
         self.models = DemoModels(config.base, lora=config.lora, device=config.device, dtype=config.dtype)
         self.scorer = Scorer(config.rewards, self.models.device, geneval=config.geneval, model_kind=self.models.source.kind)
-        self.personalizer = Personalizer(self.models, config.user_adapter)
+        self.personalizer = Personalizer(self.models, config.user_adapter, config.user_encoder)
         native = self.models.native_size
         self.default_size = config.default_size or min(max(native, config.min_size), config.max_size)
         self.default_steps = config.default_steps or min(20, config.max_steps)

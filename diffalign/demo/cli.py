@@ -14,7 +14,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="toy | toy:sd3 | tiny:sdxl | tiny:sd3 | diffusers folder | Hub id (default: toy, falling "
                              "back to the random tiny:sdxl with a notice when the toy checkpoint is absent)")
     parser.add_argument("--lora", default=None, help="aligned model: LoRA .safetensors file or folder")
-    parser.add_argument("--user-adapter", default=None, help="PPD user-attention weights (+ encoder head) file or folder")
+    parser.add_argument("--user-adapter", default=None,
+                        help="PPD output folder (user_attention.safetensors + user_encoder_head.safetensors)")
+    parser.add_argument("--user-encoder", default=None,
+                        help="user-encoder backbone the adapter was trained with, e.g. "
+                             "clip:model_name=ViT-H-14,pretrained=laion2b_s32b_b79k (default: user_encoder.json "
+                             "beside the adapter, else the tiny random open_clip)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default=d.dtype, help="float32 | float16 | bfloat16")
     parser.add_argument("--rewards", nargs="*", default=None,
@@ -35,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(
-        base=args.base, lora=args.lora, user_adapter=args.user_adapter, device=args.device, dtype=args.dtype,
+        base=args.base, lora=args.lora, user_adapter=args.user_adapter, user_encoder=args.user_encoder, device=args.device, dtype=args.dtype,
         rewards=args.rewards, geneval=not args.no_geneval, results_dirs=list(args.results), host=args.host,
         port=args.port, concurrency_limit=args.concurrency_limit, max_queue_size=args.max_queue_size,
         max_steps=args.max_steps, max_size=args.max_size, max_upload_mb=args.max_upload_mb,

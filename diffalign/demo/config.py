@@ -18,7 +18,10 @@ class DemoConfig:
 
     base: str = "toy"
     lora: str | None = None  # the aligned model: a LoRA .safetensors file or a folder holding one
-    user_adapter: str | None = None  # PPD user-attention weights (+ encoder) saved by diffalign.personalization
+    user_adapter: str | None = None  # PPD output folder: user_attention + user_encoder_head safetensors
+    # The user encoder's backbone, e.g. "clip:model_name='ViT-H-14',pretrained='laion2b_s32b_b79k'"
+    # (None: `user_encoder.json` beside the adapter, else the tiny random open_clip).
+    user_encoder: str | None = None
     device: str = "auto"  # "auto" = cuda if available, else cpu
     dtype: str = "float32"
     # Reward models shown under each image: registry names with optional ":key=value,..." kwargs.

@@ -62,7 +62,7 @@ def find_user_adapter(path: str) -> tuple[str, str | None, dict | None]:
 class Personalizer:
     """Owns the user encoder and the personalized pipeline (sharing the base pipeline's modules)."""
 
-    def __init__(self, models, user_adapter: str | None = None):
+    def __init__(self, models, user_adapter: str | None = None, user_encoder: str | None = None):
         self.models = models
         self.notices: list[str] = []
         self.missing: str | None = None
@@ -75,7 +75,7 @@ class Personalizer:
             self.missing = f"personalization is not available in this install ({e})"
             return
         self._p = personalization
-        self.encoder = self._build_encoder(user_adapter)
+        self.encoder = self._build_encoder(user_adapter, user_encoder)
         denoiser = getattr(models.pipe, "unet", None) or models.pipe.transformer
         if user_adapter:
             attention_file, _, _ = find_user_adapter(user_adapter)
@@ -104,25 +104,34 @@ class Personalizer:
         cls = PersonalizedStableDiffusionXLPipeline if models.family == "sdxl" else PersonalizedStableDiffusion3Pipeline
         self.pipe = cls.from_base(models.pipe, user_encoder=self.encoder)
 
-    def _build_encoder(self, user_adapter: str | None):
+    def _build_encoder(self, user_adapter: str | None, user_encoder: str | None):
+        """The encoder backbone: `--user-encoder NAME:key=value,...`, else `user_encoder.json` beside the
+        adapter, else the tiny random open_clip. The head's width and token count come from its metadata."""
+        from diffalign.demo.scoring import parse_reward_spec
+
         p = self._p
         head, config = None, None
         if user_adapter:
             _, head, config = find_user_adapter(user_adapter)
+        if user_encoder:
+            backend, kwargs = parse_reward_spec(user_encoder)
+            config = {"backend": backend, **kwargs}
+        dim, tokens = 32, 4
+        if head is not None:
+            meta = json.loads(_metadata(head)[ENCODER_KEY])
+            dim, tokens = int(meta["dim"]), int(meta["num_tokens"])
         if config is not None:
             backend = config.get("backend", "clip")
             kwargs = {k: v for k, v in config.items() if k != "backend"}
+            kwargs.setdefault("dim", dim)
+            kwargs.setdefault("num_tokens", tokens)
             encoder = p.create_user_encoder(backend, **kwargs)
         else:
-            dim, tokens = 32, 4
-            if head is not None:
-                meta = json.loads(_metadata(head)[ENCODER_KEY])
-                dim, tokens = int(meta["dim"]), int(meta["num_tokens"])
             encoder = p.tiny_clip_user_encoder(dim=dim, num_tokens=tokens, seed=0)
             if user_adapter:
                 self.notices.append(
-                    f"The user encoder's CLIP backbone is the tiny RANDOM open_clip model (no `{ENCODER_CONFIG}` "
-                    "next to the user adapter names a real one)."
+                    f"The user encoder's CLIP backbone is the tiny RANDOM open_clip model: neither `--user-encoder` "
+                    f"nor a `{ENCODER_CONFIG}` beside the user adapter names a real one."
                 )
         if head is not None:
             encoder.load_head(head)
