@@ -5,7 +5,6 @@ One server (tiny random SDXL + a random LoRA as the "aligned" model, 2 steps, 64
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import shutil

@@ -112,7 +112,7 @@ class DemoState:
         return format_card(title, rewards, verdict), {"rewards": rewards, "geneval": verdict}
 
     # ------------------------------------------------------------------ Compare
-    def compare(self, prompt, seed, steps, size, guidance, lora, progress=gr.Progress()):
+    def compare(self, prompt, seed, steps, size, guidance, lora, progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a progress tracker)
         prompt, seed, steps, size, guidance = self.settings(prompt, seed, steps, size, guidance)
         lora = (lora or "").strip()
         lora_file = self.models.load_lora(lora) if lora else None
@@ -141,7 +141,7 @@ class DemoState:
             raise DemoInputError(f"personalization is unavailable: {self.personalizer.missing}")
         return self.personalizer
 
-    def pairs(self, prompt, pair_seed, steps, size, guidance, progress=gr.Progress()):
+    def pairs(self, prompt, pair_seed, steps, size, guidance, progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a progress tracker)
         p = self._need_personalizer()
         prompt, pair_seed, steps, size, guidance = self.settings(prompt, pair_seed, steps, size, guidance)
         total = 2 * NUM_PAIRS
@@ -150,7 +150,7 @@ class DemoState:
         return [im for pair in pairs for im in pair]
 
     def personalize(self, prompt, pair_seed, choice_1, choice_2, choice_3, choice_4, preferred, rejected,
-                    seed, steps, size, guidance, user_scale, progress=gr.Progress()):
+                    seed, steps, size, guidance, user_scale, progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a progress tracker)
         p = self._need_personalizer()
         prompt, seed, steps, size, guidance = self.settings(prompt, seed, steps, size, guidance)
         pair_seed = check_seed(pair_seed)
@@ -185,7 +185,7 @@ class DemoState:
         }
         return base, base_md, mine, mine_md, details, embedding
 
-    def interpolate(self, user_a, user_b, alpha, prompt, seed, steps, size, guidance, user_scale, progress=gr.Progress()):
+    def interpolate(self, user_a, user_b, alpha, prompt, seed, steps, size, guidance, user_scale, progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a progress tracker)
         p = self._need_personalizer()
         if user_a is None or user_b is None:
             raise DemoInputError("save two users first (build a user, then 'Save as user A' / 'Save as user B')")

@@ -70,7 +70,10 @@ class Personalizer:
         self._pairs: OrderedDict[tuple, list] = OrderedDict()
         try:
             from diffalign import personalization
-            from diffalign.pipelines import PersonalizedStableDiffusion3Pipeline, PersonalizedStableDiffusionXLPipeline
+            from diffalign.pipelines import (
+                PersonalizedStableDiffusion3Pipeline,
+                PersonalizedStableDiffusionXLPipeline,
+            )
         except ImportError as e:
             self.missing = f"personalization is not available in this install ({e})"
             return

@@ -108,8 +108,10 @@ class Scorer:
         except ImportError as e:
             return f"GenEval rules are not importable ({e})"
         try:
-            from diffalign.toyworld import detector  # noqa: F401
-            from diffalign.toyworld import scenes  # noqa: F401
+            from diffalign.toyworld import (
+                detector,  # noqa: F401
+                scenes,  # noqa: F401
+            )
         except ImportError as e:
             return f"the toy-world detector is not importable ({e})"
         return None
