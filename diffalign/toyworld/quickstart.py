@@ -1,0 +1,700 @@
+"""`diffalign quickstart`: the whole mission on a CPU, in the toy world, measured.
+
+    diffalign quickstart [--method rankdpo|dpo|sft|ppd] [--family sdxl|sd3] [--with-control] [--json out.json]
+
+1. **Toy Syn-Pic.** Training prompts are drawn from the toy grammar (uniform over the six GenEval tasks).
+   k generators (the toy checkpoint at different guidance scales and noise seeds, plus any extra
+   checkpoints given with --generator) each draw an image per prompt; n rewards score them: the exact
+   checker `toy_geneval` (the VQA-like reward) and `toy_clip` when the toy world registers it. Win
+   counts rank each list (`diffalign synth`, unchanged).
+2. **Preference fine-tuning** of the toy model with the project trainer (`PreferenceTrainer`): RankDPO on
+   the lists, DPO on the pairs of the same lists, or SFT on the best of each list; LoRA by default.
+   `--with-control` trains the same objective, data and budget with the labels shuffled within each
+   group: what fine-tuning on the model's own samples gives without any preference.
+3. **Toy-GenEval** before and after: `--eval_per_task` prompts per task from the fixed evaluation set,
+   one image each, with noise seeds that every compared model shares. Accuracy per task, overall
+   (the mean of the tasks) and standard errors; deltas come with paired standard errors.
+
+Writes into --output_dir: `results.json` (also to --json), `grid.png` (the same prompts and noise for
+every model, green frame = correct), `training_curves.png`, the Syn-Pic shards and the LoRA weights.
+Stages are cached on disk (synth resumes; an evaluation of the same model and settings is reused), so
+rerunning a command after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP threads must not spin on a shared CPU. Set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+METHODS = ("rankdpo", "dpo", "sft", "ppd")
+FAMILIES = ("sdxl", "sd3")
+IMAGE_SIZE = 64
+# Noise seeds of the evaluation images; synth seeds live far below, so no training image shares noise with them.
+EVAL_SEED = 10_000_000
+
+
+@dataclass
+class QuickstartConfig:
+    family: str = "sdxl"
+    method: str = "rankdpo"
+    base: str | None = None  # a toy pipeline folder or a pretrain --state_dir; None = the committed checkpoint
+    output_dir: str = "runs/quickstart"
+    with_control: bool = False
+    seed: int = 0
+    # 1. toy Syn-Pic
+    num_prompts: int = 128
+    guidances: tuple[float, ...] = (2.0, 3.5, 5.0, 7.0)  # one generator per guidance scale (k = len)
+    generators: list[str] = field(default_factory=list)  # extra generator specs (e.g. another training stage)
+    rewards: list[str] | None = None  # None = toy_geneval (+ toy_clip when registered)
+    synth_steps: int = 20
+    pairwise_mode: str = "all_pairs"
+    # 2. training
+    tuning: str = "lora"
+    lora_rank: int = 16
+    train_steps: int = 120
+    groups_per_step: int = 4  # lists per step; DPO gets the same number of images (groups * k / 2 pairs)
+    learning_rate: float = 2e-4
+    beta: float = 2000.0
+    # 3. evaluation
+    eval_per_task: int = 60
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.0
+    eval_batch_size: int = 60
+    grid_per_task: int = 2
+    # machinery
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.tuning not in ("lora", "full"):
+            raise ValueError(f"tuning must be 'lora' or 'full', got {self.tuning!r}")
+        self.guidances = tuple(float(g) for g in self.guidances)
+        if len(self.guidances) + len(self.generators) < 2:
+            raise ValueError("a ranked list needs k >= 2 images per prompt: give at least two guidances/generators")
+        for name in ("num_prompts", "train_steps", "groups_per_step", "eval_per_task", "synth_steps", "num_inference_steps", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_per_task > 100:
+            raise ValueError(f"the toy evaluation set has 100 prompts per task; eval_per_task={self.eval_per_task} is too many")
+
+
+# ------------------------------------------------------------------------------------------------
+# Model source
+# ------------------------------------------------------------------------------------------------
+
+
+def _missing_checkpoint(family: str, where: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no toy-{family} checkpoint at {where}. Build one with `python -m diffalign.toyworld.pretrain --family {family}` "
+        f"(it writes diffalign/toyworld/checkpoints/toy-{family}; about 90 min on 2 CPU cores), or point --base at a toy "
+        "pipeline folder (with model_index.json) or at a running pretrain's --state_dir (with state.pt)."
+    )
+
+
+def export_state(state_dir: str, out_root: str, family: str) -> str:
+    """Write the EMA weights of a (possibly still running) pretrain run as a toy pipeline; returns its folder.
+
+    Reuses an earlier export of the same step. The pretrain saves `state.pt` atomically, so reading it
+    while the run goes on is safe.
+    """
+    import torch
+
+    from diffalign.toyworld import pretrain as P
+
+    state = torch.load(os.path.join(state_dir, "state.pt"), map_location="cpu", weights_only=True)
+    if state.get("stage") != "denoiser":
+        raise ValueError(f"{state_dir} is still in stage 1 (VAE training); wait for the denoiser stage to save a state")
+    run_family = state.get("config", {}).get("family", family)
+    if run_family != family:
+        raise ValueError(f"{state_dir} holds a toy-{run_family} run, not toy-{family}; pass --family {run_family}")
+    out = os.path.join(out_root, f"base-{family}-step{state['step']:07d}")
+    if os.path.exists(os.path.join(out, "model_index.json")):
+        return out
+    cfg = P.PretrainConfig(family=family, output_dir=out, state_dir=state_dir, seed=int(state["config"].get("seed", 0)))
+    components = P.build_components(family, cfg.seed)
+    vae = components["vae"]
+    vae.register_to_config(**state["vae_config"])
+    vae.load_state_dict(state["vae"])
+    modules = P._trainable(components)
+    P.save_pipeline(cfg, components, modules, state["ema"], state["step"], state.get("last_eval", {}))
+    return out
+
+
+def resolve_base(family: str, base: str | None, work_dir: str) -> str:
+    """The folder of the toy pipeline to align (see `QuickstartConfig.base`)."""
+    from diffalign.toyworld.pretrain import CHECKPOINT_ROOT
+
+    if base is None:
+        path = os.path.join(CHECKPOINT_ROOT, f"toy-{family}")
+        if not os.path.exists(os.path.join(path, "model_index.json")):
+            raise _missing_checkpoint(family, path)
+        return path
+    if os.path.exists(os.path.join(base, "model_index.json")):
+        return base
+    if os.path.exists(os.path.join(base, "state.pt")):
+        return export_state(base, work_dir, family)
+    raise _missing_checkpoint(family, base)
+
+
+def checkpoint_digest(path: str) -> str:
+    """A short digest of a pipeline folder's weights (names, sizes and the first MB of each file)."""
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            if not name.endswith((".safetensors", ".json")):
+                continue
+            p = os.path.join(root, name)
+            h.update(os.path.relpath(p, path).encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+            h.update(str(os.path.getsize(p)).encode())
+    return h.hexdigest()[:16]
+
+
+def load_base_pipeline(family: str, path: str):
+    from diffalign.toyworld.pretrain import load_toy_pipeline
+
+    return load_toy_pipeline(family, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Toy Syn-Pic
+# ------------------------------------------------------------------------------------------------
+
+
+def training_prompts(n: int, seed: int) -> list[dict]:
+    """`n` metadata rows from the toy grammar, uniform over tasks (seeded; repeats are kept)."""
+    from diffalign.toyworld import scenes
+
+    rng = np.random.default_rng([seed, 7_919])
+    return [scenes.sample_row(rng) for _ in range(n)]
+
+
+def default_rewards() -> list[str]:
+    import importlib.util
+
+    from diffalign import rewards
+    from diffalign.toyworld import toy_rewards  # noqa: F401  (registers toy_geneval)
+
+    # toy_clip is the toy world's own reward; it registers on import of its module when that exists.
+    for mod in ("diffalign.toyworld.rewards", "diffalign.toyworld.toy_clip"):
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)
+    names = [toy_rewards.TOY_GENEVAL]
+    if "toy_clip" in rewards.available():
+        names.append("toy_clip")
+    return names
+
+
+def generator_specs(cfg: QuickstartConfig, base_dir: str) -> list[str]:
+    """One spec per guidance scale; each generator gets its own block of noise seeds."""
+    specs = []
+    for i, g in enumerate(cfg.guidances):
+        seed = (cfg.seed * 16 + i) * 100_000
+        specs.append(f"{base_dir},id=g{g:g},steps={cfg.synth_steps},guidance={g},size={IMAGE_SIZE},seed={seed},batch_size=32")
+    for j, spec in enumerate(cfg.generators):
+        if ",seed=" not in spec:
+            spec += f",seed={(cfg.seed * 16 + len(cfg.guidances) + j) * 100_000}"
+        if ",size=" not in spec and ",height=" not in spec:
+            spec += f",size={IMAGE_SIZE}"
+        specs.append(spec)
+    return specs
+
+
+def run_toy_synpic(cfg: QuickstartConfig, base_dir: str, out_dir: str) -> dict:
+    """Generate, score and rank; returns paths and stats. Resumes an interrupted run of the same settings."""
+    from diffalign.synth import SynthConfig, run_synth
+
+    os.makedirs(out_dir, exist_ok=True)
+    rows = training_prompts(cfg.num_prompts, cfg.seed)
+    prompts_path = os.path.join(out_dir, "prompts.jsonl")
+    with open(prompts_path, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"prompt": row["prompt"], "prompt_id": f"{cfg.seed}-{i:05d}", "tag": row["tag"]}) + "\n")
+    rewards = cfg.rewards or default_rewards()
+    if cfg.rewards:
+        default_rewards()  # make sure the toy rewards are registered
+    synpic = os.path.join(out_dir, "synpic")
+    pairs = os.path.join(out_dir, "pairs")
+    scfg = SynthConfig(
+        prompts=prompts_path, prompt_id_field="prompt_id", generators=generator_specs(cfg, base_dir), rewards=rewards,
+        output_dir=synpic, chunk_size=max(64, cfg.num_prompts), reward_batch_size=64, pairwise_dir=pairs,
+        pairwise_mode=cfg.pairwise_mode, progress=cfg.progress,
+    )
+    stats = run_synth(scfg)
+    return {"synpic": synpic, "pairs": pairs, "k": scfg.k, "rewards": rewards, "generators": [g.id for g in scfg.generators],
+            "stats": dataclasses.asdict(stats), "prompts": rows}
+
+
+def synpic_summary(synpic_dir: str) -> dict:
+    """What the lists hold: mean exact-checker verdict per generator and how many lists are all ties."""
+    from diffalign.synth import read_synpic
+
+    table = read_synpic(synpic_dir)
+    rows = table.to_pylist() if hasattr(table, "to_pylist") else list(table)
+    gens = rows[0]["generator_ids"]
+    names = rows[0]["reward_names"]
+    out = {"lists": len(rows), "all_tied": int(sum(len(set(r["phi"])) == 1 for r in rows))}
+    if "toy_geneval" in names:
+        r = names.index("toy_geneval")
+        s = np.array([row["scores"][r] for row in rows])  # (P, k) graded scores; 1.0 = correct
+        out["correct_rate_per_generator"] = {g: float((s[:, j] >= 1.0).mean()) for j, g in enumerate(gens)}
+        out["best_of_k_correct_rate"] = float((s.max(1) >= 1.0).mean())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Training
+# ------------------------------------------------------------------------------------------------
+
+
+class RandomLabels:
+    """The control: each group's images in a random order (seeded per group), the scores left in place.
+
+    For lists this assigns the scores to the images at random; for pairs it makes the preferred image a
+    coin flip. The data, the pixels and the budget are those of the real run; only the preference is gone.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
+        item = dict(self.dataset[index])
+        k = item["scores"].shape[0]
+        perm = torch.randperm(k, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(index)))
+        for key in ("pixel_values", "latents", "original_sizes", "crop_top_lefts"):
+            if key in item:
+                item[key] = item[key][perm]
+        return item
+
+
+def train_config(cfg: QuickstartConfig, base_dir: str, data_dir: str, out_dir: str, k: int, objective: str):
+    from diffalign.training import TrainConfig
+
+    groups = cfg.groups_per_step * k // 2 if objective == "dpo" else cfg.groups_per_step
+    return TrainConfig(
+        pretrained_model_name_or_path=base_dir, family=cfg.family, objective=objective, dataset=data_dir,
+        resolution=IMAGE_SIZE, tuning=cfg.tuning, lora_rank=cfg.lora_rank, train_batch_size=max(1, groups),
+        max_train_steps=cfg.train_steps, learning_rate=cfg.learning_rate, beta=cfg.beta, lr_scheduler="constant",
+        adam_weight_decay=0.0, output_dir=out_dir, checkpointing_steps=0, report_to="none", seed=cfg.seed,
+        progress_bar=cfg.progress,
+        # The toy SD3 pipeline runs without T5 and pads with its default 256 zero tokens: train the same way.
+        max_sequence_length=256 if cfg.family == "sd3" else 77,
+    )
+
+
+def train_stage(cfg: QuickstartConfig, base_dir: str, synth: dict, out_dir: str, objective: str, control: bool = False):
+    """Train one model; returns (trainer, summary). The trainer holds the trained denoiser in memory."""
+    from diffalign.data import load_preference_dataset
+    from diffalign.training import PreferenceTrainer
+
+    data_dir = synth["pairs"] if objective == "dpo" else synth["synpic"]
+    tcfg = train_config(cfg, base_dir, data_dir, out_dir, synth["k"], objective)
+    if os.path.exists(os.path.join(out_dir, "losses.jsonl")):
+        os.remove(os.path.join(out_dir, "losses.jsonl"))  # a fresh run: the curve file is appended to
+    dataset = load_preference_dataset(data_dir, "auto", resolution=IMAGE_SIZE, seed=cfg.seed)
+    if control:
+        dataset = RandomLabels(dataset, cfg.seed + 1)
+    trainer = PreferenceTrainer(tcfg, train_dataset=dataset)
+    summary = trainer.train()
+    return trainer, summary
+
+
+def trained_pipeline(trainer):
+    model = trainer.unwrapped
+    model.eval()
+    return trainer.adapter.pipeline(model)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Toy-GenEval with shared noise
+# ------------------------------------------------------------------------------------------------
+
+
+def eval_rows(per_task: int) -> list[dict]:
+    from diffalign.toyworld import scenes
+
+    return [r for task in scenes.TASKS for r in scenes.load_eval_set(task)[:per_task]]
+
+
+def evaluate(pipe, rows: list[dict], cfg: QuickstartConfig, desc: str = "eval", keep: list[int] | None = None) -> dict:
+    """Generate one image per row (seed EVAL_SEED + row index, the same for every model) and judge it.
+
+    Returns the summary (per task, overall, standard errors), the per-image verdicts and the images at `keep`.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from diffalign.toyworld.detector import ToyWorldDetector, score_images, summarize
+    from diffalign.toyworld.pretrain import generate
+
+    seeds = [EVAL_SEED + i for i in range(len(rows))]
+    detector = ToyWorldDetector()
+    correct, kept = [], {}
+    keep = set(keep or [])
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(rows), desc=desc, unit="img", disable=not cfg.progress)
+    with torch.no_grad():
+        for s in range(0, len(rows), cfg.eval_batch_size):
+            batch = rows[s : s + cfg.eval_batch_size]
+            images = generate(pipe, [r["prompt"] for r in batch], seeds[s : s + len(batch)], cfg.num_inference_steps,
+                              cfg.guidance_scale, batch_size=len(batch))
+            correct += score_images(images, batch, detector)
+            for j, image in enumerate(images):
+                if s + j in keep:
+                    kept[s + j] = image
+            bar.update(len(batch))
+    bar.close()
+    summary = summarize(rows, correct)
+    summary["seconds"] = time.perf_counter() - t0
+    return {"summary": summary, "correct": [bool(c) for c in correct], "images": kept}
+
+
+def paired_deltas(rows: list[dict], before: list[bool], after: list[bool]) -> dict:
+    """Per-task and overall accuracy change with paired standard errors (same prompts, same noise)."""
+    from diffalign.toyworld import scenes
+
+    out, var = {}, 0.0
+    tasks = [t for t in scenes.TASKS if any(r["tag"] == t for r in rows)]
+    for t in tasks:
+        d = np.array([float(a) - float(b) for r, b, a in zip(rows, before, after) if r["tag"] == t])
+        out[t] = float(d.mean())
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        out[t + "_se"] = se
+        var += se**2
+    out["overall"] = float(np.mean([out[t] for t in tasks]))
+    out["overall_se"] = float(np.sqrt(var) / len(tasks))
+    return out
+
+
+def grid_indices(rows: list[dict], per_task: int) -> list[int]:
+    from diffalign.toyworld import scenes
+
+    idx = []
+    for t in scenes.TASKS:
+        idx += [i for i, r in enumerate(rows) if r["tag"] == t][:per_task]
+    return idx
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports
+# ------------------------------------------------------------------------------------------------
+
+
+def format_table(results: dict, models: list[str]) -> str:
+    from diffalign.toyworld import scenes
+
+    head = f"{'task':<14}" + "".join(f"{m:>16}" for m in models)
+    deltas = [m for m in models if m != "base"]
+    head += "".join(f"{'d(' + m + ')':>18}" for m in deltas)
+    lines = [head, "-" * len(head)]
+    for t in (*scenes.TASKS, "overall"):
+        line = f"{t:<14}"
+        for m in models:
+            s = results[m]
+            line += f"{s[t]:>9.3f} ±{s[t + '_se']:.3f}"
+        for m in deltas:
+            d = results["delta"][m]
+            line += f"{d[t]:>+11.3f} ±{d[t + '_se']:.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def save_grid(path: str, rows: list[dict], indices: list[int], evals: dict[str, dict], scale: int = 2) -> str:
+    """Columns: the grid prompts; rows: the models (same noise). Green frame = correct, red = wrong."""
+    from PIL import Image, ImageDraw
+
+    names = list(evals)
+    cell = IMAGE_SIZE * scale
+    pad, label_w, head_h = 4, 70, 14
+    w = label_w + len(indices) * (cell + pad)
+    h = head_h + len(names) * (cell + pad)
+    grid = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, i in enumerate(indices):
+        draw.text((label_w + c * (cell + pad), 1), rows[i]["tag"][:10], fill=(0, 0, 0))
+    for r, name in enumerate(names):
+        y = head_h + r * (cell + pad)
+        draw.text((2, y + cell // 2 - 5), name[:11], fill=(0, 0, 0))
+        for c, i in enumerate(indices):
+            x = label_w + c * (cell + pad)
+            image = evals[name]["images"][i].resize((cell, cell), Image.NEAREST)
+            ok = evals[name]["correct"][i]
+            draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=(0, 170, 0) if ok else (220, 0, 0), width=2)
+            grid.paste(image, (x, y))
+    grid.save(path)
+    with open(os.path.splitext(path)[0] + "_prompts.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(f"{c}: {rows[i]['prompt']}" for c, i in enumerate(indices)) + "\n")
+    return path
+
+
+def read_losses(train_dir: str) -> list[dict]:
+    path = os.path.join(train_dir, "losses.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_curves(path: str, runs: dict[str, list[dict]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["loss", "implicit_acc", "rewards/margin", "grad_norm"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, key in zip(axes, keys):
+        for name, hist in runs.items():
+            pts = [(h["step"], h[key]) for h in hist if key in h and h[key] == h[key]]
+            if not pts:
+                continue
+            x, y = map(np.asarray, zip(*pts))
+            win = max(1, len(y) // 15)
+            smooth = np.convolve(y, np.ones(win) / win, mode="valid")
+            ax.plot(x, y, alpha=0.25)
+            ax.plot(x[win - 1 :], smooth, label=name, color=ax.lines[-1].get_color())
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.wall, self.cpu = {}, {}
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.w, self.c = time.perf_counter(), time.process_time()
+
+            def __exit__(self, *exc):
+                clock.wall[name] = clock.wall.get(name, 0.0) + time.perf_counter() - self.w
+                clock.cpu[name] = clock.cpu.get(name, 0.0) + time.process_time() - self.c
+
+        return _Ctx()
+
+
+def _cached_eval(path: str, key: dict, make) -> dict:
+    """Reuse an evaluation of the same model and settings; images are re-made only for the grid."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("key") == key:
+            return old
+    result = make()
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"key": key, "summary": result["summary"], "correct": result["correct"]}, f)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict:
+    import platform
+
+    import torch
+
+    from diffalign.toyworld import scenes
+
+    if cfg.method == "ppd":
+        raise NotImplementedError(
+            "--method ppd is not wired into the quickstart yet: its measure is a per-user win rate, not GenEval. "
+            "Run the toy PPD demonstration with diffalign.personalization.toy.run_toy_ppd instead."
+        )
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    clock = _Clock()
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    base_dir = resolve_base(cfg.family, cfg.base, out)
+    digest = checkpoint_digest(base_dir)
+    rows = eval_rows(cfg.eval_per_task)
+    show = grid_indices(rows, cfg.grid_per_task)
+    eval_key = {"n": len(rows), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "seed": EVAL_SEED}
+
+    # Base evaluation (reused when the same checkpoint was evaluated with the same settings).
+    evals: dict[str, dict] = {}
+    with clock("eval_base"):
+        pipe = load_base_pipeline(cfg.family, base_dir)
+        base = _cached_eval(os.path.join(out, f"eval-base-{digest}.json"), {**eval_key, "model": digest},
+                            lambda: evaluate(pipe, rows, cfg, "eval base", show))
+        if "images" not in base:  # cached verdicts: regenerate just the grid prompts (same seeds, same images)
+            from diffalign.toyworld.pretrain import generate
+
+            images = generate(pipe, [rows[i]["prompt"] for i in show], [EVAL_SEED + i for i in show],
+                              cfg.num_inference_steps, cfg.guidance_scale, batch_size=len(show))
+            base = {**base, "images": dict(zip(show, images))}
+        evals["base"] = base
+        del pipe
+
+    with clock("synth"):
+        synth = run_toy_synpic(cfg, base_dir, os.path.join(out, f"data-seed{cfg.seed}"))
+    data_info = synpic_summary(synth["synpic"])
+    eval_prompts = {r["prompt"] for r in scenes.load_eval_set()}
+    data_info["train_prompts_in_eval_set"] = float(np.mean([r["prompt"] in eval_prompts for r in synth["prompts"]]))
+
+    runs = [(cfg.method, False)] + ([("control", True)] if cfg.with_control else [])
+    summaries, curves = {}, {}
+    for name, control in runs:
+        train_dir = os.path.join(out, f"train-{cfg.method}{'-control' if control else ''}-seed{cfg.seed}")
+        with clock(f"train_{name}"):
+            trainer, summary = train_stage(cfg, base_dir, synth, train_dir, cfg.method, control=control)
+        summaries[name] = {k: summary.get(k) for k in ("final_loss", "mean_loss_last_10", "median_step_time_s", "wall_time_s", "global_step")}
+        curves[name] = read_losses(train_dir)
+        with clock(f"eval_{name}"):
+            evals[name] = evaluate(trained_pipeline(trainer), rows, cfg, f"eval {name}", show)
+        del trainer
+
+    models = list(evals)
+    results: dict = {m: evals[m]["summary"] for m in models}
+    results["delta"] = {m: paired_deltas(rows, evals["base"]["correct"], evals[m]["correct"]) for m in models if m != "base"}
+    if cfg.with_control:
+        results["delta"]["method_vs_control"] = paired_deltas(rows, evals["control"]["correct"], evals[cfg.method]["correct"])
+    results["aligned"] = results.pop(cfg.method)
+    results["delta"]["aligned"] = results["delta"].pop(cfg.method)
+    results.update(
+        method=cfg.method,
+        family=cfg.family,
+        base_checkpoint=base_dir,
+        base_digest=digest,
+        seconds=time.perf_counter() - t_start,
+        stage_seconds={k: round(v, 1) for k, v in clock.wall.items()},
+        stage_cpu_seconds={k: round(v, 1) for k, v in clock.cpu.items()},
+        machine={"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_start": load_start,
+                 "load_end": os.getloadavg(), "platform": platform.platform()},
+        data={k: v for k, v in synth.items() if k not in ("prompts",)} | {"summary": data_info},
+        training=summaries,
+        config=dataclasses.asdict(cfg),
+    )
+    save_grid(os.path.join(out, "grid.png"), rows, show, {("aligned" if m == cfg.method else m): evals[m] for m in models})
+    save_curves(os.path.join(out, "training_curves.png"), curves)
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=str)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = QuickstartConfig()
+    p.add_argument("--method", choices=METHODS, default=d.method)
+    p.add_argument("--family", choices=FAMILIES, default=d.family)
+    p.add_argument("--base", default=None, help="toy pipeline folder or pretrain --state_dir (default: the committed checkpoint)")
+    p.add_argument("--output_dir", "--output-dir", default=d.output_dir)
+    p.add_argument("--with-control", "--with_control", dest="with_control", action="store_true",
+                   help="also train a random-label control on the same data and budget")
+    p.add_argument("--json", default=None, help="also write the results JSON here")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num_prompts", type=int, default=d.num_prompts)
+    p.add_argument("--guidances", type=float, nargs="+", default=list(d.guidances), help="one generator per guidance scale")
+    p.add_argument("--generator", action="append", dest="generators", default=[], metavar="SPEC",
+                   help="an extra generator (diffalign synth spec), e.g. another training stage of the toy model")
+    p.add_argument("--reward", action="append", dest="rewards", default=None, metavar="SPEC",
+                   help="reward specs (default: toy_geneval, plus toy_clip when registered)")
+    p.add_argument("--synth_steps", type=int, default=d.synth_steps)
+    p.add_argument("--tuning", choices=["lora", "full"], default=d.tuning)
+    p.add_argument("--lora_rank", type=int, default=d.lora_rank)
+    p.add_argument("--train_steps", type=int, default=d.train_steps)
+    p.add_argument("--groups_per_step", type=int, default=d.groups_per_step)
+    p.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    p.add_argument("--beta", type=float, default=d.beta)
+    p.add_argument("--eval_per_task", type=int, default=d.eval_per_task)
+    p.add_argument("--num_inference_steps", type=int, default=d.num_inference_steps)
+    p.add_argument("--guidance_scale", type=float, default=d.guidance_scale)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no_progress", action="store_true")
+
+
+def config_from_args(args) -> QuickstartConfig:
+    names = {f.name for f in dataclasses.fields(QuickstartConfig)}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw["guidances"] = tuple(args.guidances)
+    kw["progress"] = not args.no_progress
+    return QuickstartConfig(**kw)
+
+
+def _quiet_loading_bars() -> None:
+    """Model loading and data-set preparation bars of the libraries drown ours; keep only the stage bars."""
+    import datasets
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    _quiet_loading_bars()
+    results = run_quickstart(cfg)
+    models = ["base", "aligned"] + (["control"] if cfg.with_control else [])
+    table_in = {m: results[m] for m in models} | {"delta": {m: results["delta"][m] for m in models if m != "base"}}
+    print(f"\ntoy-GenEval ({cfg.family}, {cfg.method}, {int(results['base']['n_images'])} images per model, "
+          "same noise for every model; ± = standard error, deltas paired)")
+    print(format_table(table_in, models))
+    if cfg.with_control:
+        d = results["delta"]["method_vs_control"]
+        print(f"preference-specific gain ({cfg.method} - control): {d['overall']:+.3f} ± {d['overall_se']:.3f}")
+    print(f"total {results['seconds']:.0f} s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["stage_seconds"].items()))
+    print(f"wrote {os.path.join(cfg.output_dir, 'results.json')}, grid.png, training_curves.png")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("quickstart", help="toy world end to end: Syn-Pic -> RankDPO/DPO/SFT -> toy-GenEval before/after",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m diffalign.toyworld.quickstart", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

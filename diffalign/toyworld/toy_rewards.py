@@ -1,0 +1,134 @@
+"""The exact checker as a reward: `toy_geneval` scores a toy-world image against its prompt's GenEval metadata.
+
+It plays the part a VQA reward (e.g. VQAScore: "does this image show <prompt>?") plays for real models,
+but answers exactly: the toy detector finds the objects, the official GenEval rules judge them.
+
+The score in [0, 1] is graded so that near misses rank above total failures (a binary verdict would tie
+most of a group of k samples, and ties carry no preference):
+
+    score = (verdict + fraction of the prompt's sub-questions answered yes) / 2
+
+The sub-questions are the metadata clauses asked one at a time: "is there <count> <class>?", "is it
+<colour>?", "is it <relation> the <target>?", and, for counting, "are there no more than <count>?".
+A perfect image scores 1.0; an image that gets every clause but the full verdict wrong cannot happen
+(all clauses yes = verdict yes), so a correct image always beats an incorrect one.
+
+Prompts must come from the toy grammar (`diffalign.toyworld.scenes`); anything else is an error, since
+the checker only knows toy-world metadata. Not differentiable: tensors are converted to PIL images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from diffalign.rewards.base import PreprocessConfig, RewardModel, register_reward
+
+TOY_GENEVAL = "toy_geneval"
+
+
+@lru_cache(maxsize=1)
+def _prompt_table() -> dict[str, dict]:
+    from diffalign.toyworld import scenes
+
+    table = {}
+    for task in scenes.TASKS:
+        for row in scenes.all_rows(task):
+            table[row["prompt"]] = row
+    return table
+
+
+def metadata_for_prompt(prompt: str) -> dict:
+    """The GenEval metadata row of a toy-grammar prompt."""
+    row = _prompt_table().get(prompt.strip())
+    if row is None:
+        raise ValueError(
+            f"{prompt!r} is not a toy-world prompt; the exact checker scores prompts of the toy grammar only "
+            "(diffalign.toyworld.scenes, e.g. 'a photo of a red circle and a blue square')"
+        )
+    return row
+
+
+def sub_questions(metadata: dict) -> list[dict]:
+    """The metadata split into one-clause questions (each a metadata dict the GenEval rules can judge)."""
+    base = {"tag": metadata["tag"], "prompt": metadata["prompt"]}
+    include = metadata.get("include", [])
+    out = []
+    for clause in include:
+        plain = {k: v for k, v in clause.items() if k not in ("color", "position")}
+        out.append({**base, "include": [plain]})  # is it there, as many times?
+        if "color" in clause:
+            out.append({**base, "include": [{k: v for k, v in clause.items() if k != "position"}]})
+        if "position" in clause:
+            target = clause["position"][1]
+            out.append({**base, "include": [include[target], {**plain, "position": [clause["position"][0], 0]}]})
+    for clause in metadata.get("exclude", []):
+        out.append({**base, "include": [], "exclude": [clause]})
+    return out
+
+
+def graded_score(detections: dict, metadata: dict) -> tuple[float, bool]:
+    """(score in [0, 1], official verdict) of one image's raw detections."""
+    from diffalign.evaluation.geneval.rules import evaluate_clauses, filter_detections
+
+    kept = filter_detections(detections, metadata["tag"])
+    verdict = bool(evaluate_clauses(metadata, kept)[0])
+    questions = sub_questions(metadata)
+    yes = [bool(evaluate_clauses(q, kept)[0]) for q in questions]
+    return 0.5 * float(verdict) + 0.5 * float(np.mean(yes)), verdict
+
+
+def _to_pil(images) -> list:
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+        arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+    out = []
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images or one (N, 3, H, W) tensor")
+        out.append(im.convert("RGB"))
+    return out
+
+
+class ToyGenEvalReward(RewardModel):
+    """Exact-checker reward for toy-world prompts (see the module docstring)."""
+
+    name = TOY_GENEVAL
+
+    def __init__(self, device=None, dtype=None, batch_size: int = 64, min_area: int = 12):
+        super().__init__(PreprocessConfig(size=64), device="cpu" if device is None else device, dtype=dtype, batch_size=batch_size)
+        from diffalign.toyworld.detector import ToyWorldDetector
+
+        self.detector = ToyWorldDetector(min_area=min_area)
+        self._finish_init()
+
+    def verdicts(self, images, prompts: Sequence[str]) -> list[bool]:
+        return [v for _, v in self._judge(images, prompts)]
+
+    def _judge(self, images, prompts: Sequence[str]) -> list[tuple[float, bool]]:
+        prompts = list(prompts)
+        pil = _to_pil(images)
+        if len(pil) != len(prompts):
+            raise ValueError(f"got {len(pil)} images but {len(prompts)} prompts; pass one prompt per image")
+        out = []
+        for image, prompt in zip(pil, prompts):
+            meta = metadata_for_prompt(prompt)
+            names = sorted({c["class"] for c in meta.get("include", []) + meta.get("exclude", [])})
+            out.append(graded_score(self.detector.detect(image, names), meta))
+        return out
+
+    def score(self, images, prompts: Sequence[str], batch_size: int | None = None) -> torch.Tensor:
+        scores = [s for s, _ in self._judge(images, prompts)]
+        return torch.tensor(scores, dtype=torch.float32, device=self.device_)
+
+
+@register_reward(TOY_GENEVAL)
+def _toy_geneval(**kwargs) -> ToyGenEvalReward:
+    return ToyGenEvalReward(**kwargs)
