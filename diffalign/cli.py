@@ -18,6 +18,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("synth", "diffalign.synth.cli"),
     ("train", "diffalign.training.cli"),
     ("demo", "diffalign.demo.cli"),
+    ("quickstart", "diffalign.toyworld.quickstart"),
 ]
 
 
