@@ -174,9 +174,14 @@ def test_personalize_from_pair_choices_and_uploads(server, tmp_path):
         (dict(size=256), "maximum"),
         (dict(size=68), "multiple of 8"),
         (dict(lora="/no/such/lora"), "LoRA checkpoint '/no/such/lora' not found"),
+        (dict(lora="CORRUPT"), "not a readable safetensors file"),
     ],
 )
 def test_bad_compare_input_is_a_visible_error(server, kwargs, message):
+    if kwargs.get("lora") == "CORRUPT":
+        corrupt = server["root"] / "corrupt.safetensors"
+        corrupt.write_bytes(b"\x00garbage")
+        kwargs = {"lora": str(corrupt)}
     with pytest.raises(AppError, match=message):
         compare(server["client"], server=server, **kwargs)
 

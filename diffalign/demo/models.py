@@ -215,7 +215,11 @@ class DemoModels:
 
                 name = _adapter_name(file)
                 try:
-                    self.pipe.load_lora_weights(load_file(file), adapter_name=name)
+                    state_dict = load_file(file)
+                except Exception as e:  # safetensors raises its own error types for corrupt files
+                    raise ValueError(f"LoRA {path!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+                try:
+                    self.pipe.load_lora_weights(state_dict, adapter_name=name)
                 except (ValueError, KeyError, RuntimeError) as e:
                     raise ValueError(f"LoRA {path!r} does not fit the base model {self.source.label}: {e}") from e
                 self._adapters[file] = name
