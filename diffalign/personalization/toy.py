@@ -114,16 +114,24 @@ def generation_scores(pipe, users: dict[str, SyntheticUser], embeddings: dict[st
     """Mean user reward of conditioned vs base generations from the same seeds, and the win rate."""
     kw = dict(prompt=PROMPT, num_inference_steps=steps, height=resolution, width=resolution, guidance_scale=guidance, output_type="pt")
     base = torch.cat([pipe(generator=torch.Generator().manual_seed(s), **kw).images for s in seeds]) * 2 - 1
-    out = {}
-    for name, user in users.items():
-        cond = torch.cat([
+    prompts = [PROMPT] * len(seeds)
+    conditioned = {
+        name: torch.cat([
             pipe(generator=torch.Generator().manual_seed(s), user_embedding=embeddings[name], **kw).images for s in seeds
         ]) * 2 - 1
-        r_base, r_cond = user.score(base, [PROMPT] * len(seeds)), user.score(cond, [PROMPT] * len(seeds))
+        for name in users
+    }
+    out = {}
+    for name, user in users.items():
+        other = [v for v in users if v != name][0]
+        r_base, r_cond = user.score(base, prompts), user.score(conditioned[name], prompts)
+        r_other = user.score(conditioned[other], prompts)  # this user's reward on images made for the other user
         out[name] = {
             "reward_base": float(r_base.mean()),
             "reward_conditioned": float(r_cond.mean()),
+            "reward_conditioned_on_other_user": float(r_other.mean()),
             "win_rate_vs_base": float((r_cond > r_base).float().mean()),
+            "win_rate_vs_other_user": float((r_cond > r_other).float().mean()),
         }
     return out
 
@@ -214,3 +222,34 @@ def run_toy_ppd(
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results
+
+
+def evaluate_saved(output_dir: str, model: str = "tiny:sd3", num_context: int = 4, resolution: int = 32, seed: int = 0,
+                   eval_seeds: int = 16, eval_steps: int = 8, guidance: float = 1.0) -> dict:
+    """Re-evaluate a finished toy run from its saved user attention + encoder head, user branch only (no LoRA)."""
+    from diffalign.families import load_family
+    from diffalign.personalization.attention import load_user_attention
+    from diffalign.pipelines import PersonalizedStableDiffusion3Pipeline, PersonalizedStableDiffusionXLPipeline
+
+    users = {name: SyntheticUser(name, rewards) for name, rewards in USERS.items()}
+    test_pairs = TwoUserPairs(users, 32, resolution, seed + 1)
+    contexts = context_examples(users, num_context, resolution, seed)
+    encoder = tiny_clip_user_encoder(dim=32, num_tokens=4, seed=seed)
+    encoder.load_head(os.path.join(output_dir, "user_encoder_head.safetensors"))
+    encoder.eval()
+    adapter = load_family(model, seed=seed)
+    den = adapter.denoiser.eval()
+    load_user_attention(den, os.path.join(output_dir, "user_attention.safetensors"))
+    with torch.no_grad():
+        embeddings = {u: encoder(contexts[u]).detach() for u in users}
+    out = {"implicit_accuracy": {}, "cross_user_implicit_accuracy": {}}
+    for u in users:
+        other = [v for v in users if v != u][0]
+        out["implicit_accuracy"][u] = implicit_accuracy(adapter, den, embeddings[u], test_pairs, u, seed=seed)
+        out["cross_user_implicit_accuracy"][u] = implicit_accuracy(adapter, den, embeddings[other], test_pairs, u, seed=seed)
+    cls = PersonalizedStableDiffusion3Pipeline if adapter.name == "sd3" else PersonalizedStableDiffusionXLPipeline
+    pipe = cls.from_base(adapter.pipeline(den))
+    pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(1000, 1000 + eval_seeds))
+    out["generation_user_branch_only"] = generation_scores(pipe, users, embeddings, seeds, resolution, eval_steps, guidance)
+    return out
