@@ -71,8 +71,15 @@ def main(argv=None) -> dict:
         load_user_attention,
         tiny_clip_user_encoder,
     )
-    from diffalign.personalization.evaluation import interpolation_monotonicity, synthetic_user_examples, win_rates
-    from diffalign.pipelines import PersonalizedStableDiffusion3Pipeline, PersonalizedStableDiffusionXLPipeline
+    from diffalign.personalization.evaluation import (
+        interpolation_monotonicity,
+        synthetic_user_examples,
+        win_rates,
+    )
+    from diffalign.pipelines import (
+        PersonalizedStableDiffusion3Pipeline,
+        PersonalizedStableDiffusionXLPipeline,
+    )
 
     args = parse_args(argv)
     if not args.synthetic_user and not args.dataset:

@@ -76,8 +76,8 @@ def context_examples(users: dict[str, SyntheticUser], num_context: int, resoluti
         for _ in range(num_context):
             px = _pair_images(rng, resolution)
             a_first = bool(user.prefers(px[:1], px[1:], [PROMPT])[0])
-            w, l = (px[0], px[1]) if a_first else (px[1], px[0])
-            examples.append(UserExample(PROMPT, w, l))
+            win, lose = (px[0], px[1]) if a_first else (px[1], px[0])
+            examples.append(UserExample(PROMPT, win, lose))
         contexts[name] = examples
     return contexts
 
@@ -85,6 +85,8 @@ def context_examples(users: dict[str, SyntheticUser], num_context: int, resoluti
 @torch.no_grad()
 def implicit_accuracy(adapter, model, embedding, pairs: TwoUserPairs, user: str, draws: int = 4, seed: int = 0) -> float:
     """Share of (pair, noise draw) on which the conditioned model's implicit reward prefers the user's choice."""
+    from diffalign.kernels import per_sample_error
+
     items = [it for it in pairs.items if it["user_id"] == user]
     px = torch.stack([it["pixel_values"] for it in items])  # (B, 2, 3, H, W), chosen first
     b = px.shape[0]
@@ -102,8 +104,7 @@ def implicit_accuracy(adapter, model, embedding, pairs: TwoUserPairs, user: str,
             ref = adapter.predict(model, x_t, t, text, micro)
         with user_condition(model, embedding.expand(2 * b, *embedding.shape[-2:])):
             pol = adapter.predict(model, x_t, t, text, micro)
-        err = lambda pred: (weight.view(-1, 1, 1, 1) * (pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).view(b, 2)  # noqa: E731
-        s = err(pol) - err(ref)  # implicit reward is -beta * s
+        s = (per_sample_error(pol, target, weight) - per_sample_error(ref, target, weight)).view(b, 2)  # reward: -beta * s
         wins += int((s[:, 0] < s[:, 1]).sum())
         total += b
     return wins / total
@@ -155,7 +156,10 @@ def run_toy_ppd(
 ) -> dict:
     """Train PPD on two synthetic users with the project trainer, then measure. Writes results.json."""
     from diffalign.families import load_family
-    from diffalign.pipelines import PersonalizedStableDiffusion3Pipeline, PersonalizedStableDiffusionXLPipeline
+    from diffalign.pipelines import (
+        PersonalizedStableDiffusion3Pipeline,
+        PersonalizedStableDiffusionXLPipeline,
+    )
     from diffalign.training.config import TrainConfig
     from diffalign.training.trainer import PreferenceTrainer
 
@@ -229,7 +233,10 @@ def evaluate_saved(output_dir: str, model: str = "tiny:sd3", num_context: int = 
     """Re-evaluate a finished toy run from its saved user attention + encoder head, user branch only (no LoRA)."""
     from diffalign.families import load_family
     from diffalign.personalization.attention import load_user_attention
-    from diffalign.pipelines import PersonalizedStableDiffusion3Pipeline, PersonalizedStableDiffusionXLPipeline
+    from diffalign.pipelines import (
+        PersonalizedStableDiffusion3Pipeline,
+        PersonalizedStableDiffusionXLPipeline,
+    )
 
     users = {name: SyntheticUser(name, rewards) for name, rewards in USERS.items()}
     test_pairs = TwoUserPairs(users, 32, resolution, seed + 1)

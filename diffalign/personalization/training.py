@@ -233,8 +233,8 @@ def contexts_from_dataset(dataset, split: UserSplit) -> dict[str, list[UserExamp
             scores = item["scores"]
             if float(scores[0]) == float(scores[1]):
                 raise ValueError(f"row {i} of user {user!r} is a tie and cannot be a context example")
-            w, l = (0, 1) if float(scores[0]) > float(scores[1]) else (1, 0)
-            examples.append(UserExample(item["prompt"], item["pixel_values"][w], item["pixel_values"][l]))
+            win, lose = (0, 1) if float(scores[0]) > float(scores[1]) else (1, 0)
+            examples.append(UserExample(item["prompt"], item["pixel_values"][win], item["pixel_values"][lose]))
         contexts[user] = examples
     return contexts
 

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from diffalign.personalization import UserEncoder, UserExample, has_user_attention, restore_user_processors, user_condition
+from diffalign.personalization import (
+    UserEncoder,
+    UserExample,
+    has_user_attention,
+    restore_user_processors,
+    user_condition,
+)
 
 
 def _prompt_batch(args, kwargs) -> int:
