@@ -113,8 +113,11 @@ def test_compare_returns_base_and_aligned_images_with_scores(server):
     assert details["seed"] == 0 and details["steps"] == STEPS and details["lora"].endswith(".safetensors")
     for side, md in (("base", base_md), ("aligned", aligned_md)):
         rewards = details[side]["rewards"]
-        assert list(rewards) == ["clip_score (random)"]
+        assert list(rewards) == ["toy_geneval", "clip_score (random)"]  # the offline defaults
         assert all(np.isfinite(v) for v in rewards.values())
+        # The exact checker's graded reward is 1.0 exactly when the GenEval verdict is "correct".
+        assert 0.0 <= rewards["toy_geneval"] <= 1.0
+        assert (rewards["toy_geneval"] == 1.0) == details[side]["geneval"]["correct"]
         verdict = details[side]["geneval"]
         assert verdict["available"] and verdict["task"] == "colors"
         assert isinstance(verdict["correct"], bool)
@@ -132,6 +135,10 @@ def test_compare_without_lora_and_non_toy_prompt_says_why(server):
     assert aligned is None and "no LoRA" in aligned_md
     assert details["base"]["geneval"]["available"] is False
     assert "not a toy-world prompt" in details["base"]["geneval"]["reason"]
+    # The exact-checker reward cannot judge it either, and says why; the CLIP reward still scores it.
+    assert details["base"]["rewards"]["toy_geneval"] is None
+    assert "not a toy-world prompt" in details["base"]["reward_errors"]["toy_geneval"]
+    assert np.isfinite(details["base"]["rewards"]["clip_score (random)"])
     assert pixels(base).shape == (SIZE, SIZE, 3)
 
 

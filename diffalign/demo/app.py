@@ -107,9 +107,12 @@ class DemoState:
         )
 
     def card(self, title, image, prompt):
-        rewards = self.scorer.score([image], [prompt])[0] if self.scorer.rewards else {}
+        rewards, errors = self.scorer.score([image], [prompt]) if self.scorer.rewards else ([{}], {})
         verdict = self.scorer.verdict(image, prompt)
-        return format_card(title, rewards, verdict), {"rewards": rewards, "geneval": verdict}
+        info = {"rewards": rewards[0], "geneval": verdict}
+        if errors:
+            info["reward_errors"] = errors
+        return format_card(title, rewards[0], verdict), info
 
     # ------------------------------------------------------------------ Compare
     def compare(self, prompt, seed, steps, size, guidance, lora, progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a progress tracker)

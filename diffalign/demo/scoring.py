@@ -10,6 +10,7 @@ import threading
 logger = logging.getLogger(__name__)
 
 TOY_REWARD = "toy_clip"  # the trained toy-world CLIP reward, once the toy world registers it
+TOY_GENEVAL_REWARD = "toy_geneval"  # the exact checker as a graded reward (diffalign.toyworld.toy_rewards)
 
 
 def parse_reward_spec(spec: str) -> tuple[str, dict]:
@@ -30,24 +31,48 @@ def parse_reward_spec(spec: str) -> tuple[str, dict]:
     return name, kwargs
 
 
-def default_reward_specs() -> tuple[list[str], str]:
-    """The rewards shown when `--rewards` is not given: only what builds offline. Returns (specs, notice)."""
+def _register_toy_rewards() -> None:
+    """The toy world registers its rewards when its modules are imported (those that exist)."""
+    import importlib
+    import importlib.util
+
+    for mod in ("diffalign.toyworld.toy_rewards", "diffalign.toyworld.rewards", "diffalign.toyworld.toy_clip"):
+        try:
+            if importlib.util.find_spec(mod) is not None:
+                importlib.import_module(mod)
+        except ImportError as e:
+            logger.warning("could not import %s: %s", mod, e)
+
+
+def default_reward_specs(model_kind: str = "toy") -> tuple[list[str], list[str]]:
+    """The rewards shown when `--rewards` is not given: only what builds offline. Returns (specs, notices).
+
+    - toy/tiny models: `toy_geneval` (the exact checker as a graded reward; toy-world prompts only);
+    - `toy_clip` (the toy world's trained CLIP) when registered, else `clip_score` on the tiny open_clip
+      config with RANDOM weights, said plainly.
+    """
     try:
         from diffalign import rewards
     except ImportError as e:  # pragma: no cover - the package ships rewards
-        return [], f"No reward models: diffalign.rewards does not import ({e})."
+        return [], [f"No reward models: diffalign.rewards does not import ({e})."]
+    _register_toy_rewards()
     names = rewards.available()
+    specs, notices = [], []
+    if model_kind in ("toy", "tiny") and TOY_GENEVAL_REWARD in names:
+        specs.append(TOY_GENEVAL_REWARD)
     if TOY_REWARD in names:
-        return [TOY_REWARD], ""
-    if "clip_score" in names:
-        return (
-            # torchmetrics form (100 * cos): the hessel form clamps a random model's negative cosines to 0.
-            [f"clip_score:model_name='{rewards.TINY_CLIP}',random_init=True,form='torchmetrics'"],
+        specs.append(TOY_REWARD)
+    elif "clip_score" in names:
+        # torchmetrics form (100 * cos): the hessel form clamps a random model's negative cosines to 0.
+        specs.append(f"clip_score:model_name='{rewards.TINY_CLIP}',random_init=True,form='torchmetrics'")
+        notices.append(
             f"Reward `clip_score` uses the tiny open_clip config `{rewards.TINY_CLIP}` with RANDOM weights (nothing is "
             "downloaded): its numbers show the plumbing, not quality. Pass `--rewards` for real reward models "
-            "(e.g. `--rewards pickscore clip_score:model_name=ViT-L-14,pretrained=openai`).",
+            "(e.g. `--rewards pickscore clip_score:model_name=ViT-L-14,pretrained=openai`)."
         )
-    return [], "No reward models are shown: none in the registry builds offline. Pass `--rewards NAME` to add one."
+    if not specs:
+        notices.append("No reward models are shown: none in the registry builds offline. Pass `--rewards NAME` to add one.")
+    return specs, notices
 
 
 def _label(name: str, kwargs: dict) -> str:
@@ -61,10 +86,9 @@ class Scorer:
 
     def __init__(self, reward_specs: list[str] | None, device, geneval: bool = True, model_kind: str = "toy"):
         self.notices: list[str] = []
-        if reward_specs is None:
-            reward_specs, notice = default_reward_specs()
-            if notice:
-                self.notices.append(notice)
+        defaults = reward_specs is None
+        if defaults:
+            reward_specs, self.notices = default_reward_specs(model_kind)
         reward_specs = [s for s in reward_specs if s.strip().lower() != "none"]
         if not reward_specs and not self.notices:
             self.notices.append("No reward models are shown (`--rewards none`).")
@@ -74,7 +98,14 @@ class Scorer:
             from diffalign import rewards
 
             kwargs.setdefault("device", device)
-            model = rewards.load(name, **kwargs)  # KeyError / ValueError name the problem
+            try:
+                model = rewards.load(name, **kwargs)  # KeyError / ValueError name the problem
+            except Exception as e:
+                if not defaults:
+                    raise
+                # A default that does not build here is left out, and the page says so.
+                self.notices.append(f"Default reward `{name}` did not load ({type(e).__name__}: {e}); it is not shown.")
+                continue
             self.rewards.append((_label(name, kwargs), model))
         self.lock = threading.Lock()
         self.geneval = geneval
@@ -87,14 +118,21 @@ class Scorer:
     def reward_names(self) -> list[str]:
         return [label for label, _ in self.rewards]
 
-    def score(self, images, prompts) -> list[dict[str, float]]:
-        out = [{} for _ in images]
+    def score(self, images, prompts) -> tuple[list[dict[str, float | None]], dict[str, str]]:
+        """Per image {reward: score}; a reward that cannot judge these prompts (e.g. toy_geneval on a
+        non-toy prompt) gets None, with its reason in the second return value."""
+        out: list[dict[str, float | None]] = [{} for _ in images]
+        errors: dict[str, str] = {}
         with self.lock:
             for label, model in self.rewards:
-                values = model.score(list(images), list(prompts)).float().cpu().tolist()
+                try:
+                    values = model.score(list(images), list(prompts)).float().cpu().tolist()
+                except ValueError as e:
+                    values = [None] * len(out)
+                    errors[label] = str(e)
                 for d, v in zip(out, values):
-                    d[label] = float(v)
-        return out
+                    d[label] = None if v is None else float(v)
+        return out, errors
 
     # ------------------------------------------------------------------ GenEval
     def _geneval_missing(self) -> str | None:
@@ -164,7 +202,7 @@ def format_card(title: str, rewards: dict[str, float], verdict: dict, reward_not
     """The markdown under an image."""
     lines = [f"**{title}**"]
     if rewards:
-        lines.append("rewards: " + ", ".join(f"`{k}` {v:.4f}" for k, v in rewards.items()))
+        lines.append("rewards: " + ", ".join(f"`{k}` {'n/a' if v is None else f'{v:.4f}'}" for k, v in rewards.items()))
     else:
         lines.append("rewards: none" + (f" ({reward_note})" if reward_note else ""))
     if verdict["available"]:
