@@ -196,3 +196,21 @@ def test_win_rates_and_interpolation_monotonicity():
     assert report["spearman_a"] == pytest.approx(-1.0) and report["spearman_b"] == pytest.approx(1.0)
     flat = interpolation_monotonicity(_FakePipe(), torch.zeros(2, 3), torch.zeros(2, 3), warm.score, cool.score, ["p"], [0])
     assert flat["spearman_a"] is None  # constant rewards: no trend to report
+
+
+def test_prepare_ppd_holds_context_and_test_users_apart(encoder):
+    from diffalign.personalization import prepare_ppd
+    from diffalign.personalization.attention import has_user_attention
+    from diffalign.personalization.toy import TwoUserPairs
+    from diffalign.testing import tiny_sd3_pipeline
+
+    users = {f"u{i}": SyntheticUser(f"u{i}", {"toy_red" if i % 2 else "toy_blue": 1.0}) for i in range(4)}
+    data = TwoUserPairs(users, num_pairs=6, resolution=8, seed=0)  # 6 pairs per user
+    model = tiny_sd3_pipeline(0).transformer
+    train, hook, split = prepare_ppd(data, model, encoder, num_context=2, min_pairs=5, test_fraction=0.25, seed=0)
+    assert has_user_attention(model) and len(split.test_users) == 1 and len(split.train_users) == 3
+    assert set(hook.contexts) == set(split.train_users)
+    train_users = {data[i]["user_id"] for i in train.indices}
+    assert train_users == set(split.train_users) and len(train) == 3 * (6 - 2)
+    held = {i for u in split.train_users for i in split.context_rows[u]}
+    assert not held & set(train.indices)

@@ -38,6 +38,7 @@ from diffalign.personalization.training import (
     UserSplit,
     contexts_from_dataset,
     dataset_user_ids,
+    prepare_ppd,
     split_users,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "UserSplit",
     "contexts_from_dataset",
     "dataset_user_ids",
+    "prepare_ppd",
     "split_users",
     "USER_ENCODERS",
     "ClipUserEncoder",

@@ -239,6 +239,35 @@ def contexts_from_dataset(dataset, split: UserSplit) -> dict[str, list[UserExamp
     return contexts
 
 
+def prepare_ppd(
+    dataset,
+    denoiser,
+    encoder: UserEncoder,
+    *,
+    num_context: int = 4,
+    min_pairs: int = 8,
+    test_fraction: float = 0.1,
+    user_dropout: float = 0.0,
+    seed: int = 0,
+):
+    """Everything the trainer needs for `objective: ppd` from a pairwise data set with user ids.
+
+    Returns (train_dataset, hook, split): the training users' non-context pairs (a Subset), the
+    `PPDConditioning` hook with user attention installed on `denoiser`, and the `UserSplit` (its
+    `test_users` are for evaluation only).
+    """
+    if hasattr(dataset, "hf") and hasattr(dataset, "rows"):
+        user_ids = dataset_user_ids(dataset)  # the Arrow column: no image decoding
+    else:
+        user_ids = [dataset[i].get("user_id") for i in range(len(dataset))]
+    split = split_users(user_ids, num_context=num_context, min_pairs=min_pairs, test_fraction=test_fraction, seed=seed)
+    contexts = contexts_from_dataset(dataset, UserSplit(split.train_users, [], {u: split.context_rows[u] for u in split.train_users}, {}))
+    train = torch.utils.data.Subset(dataset, split.train_rows())
+    hook = PPDConditioning(encoder, contexts, user_dropout=user_dropout, seed=seed)
+    hook.attach(denoiser)
+    return train, hook, split
+
+
 # ---------------------------------------------------------------------------------------- synthetic users
 
 
