@@ -377,3 +377,20 @@ def test_float32_user_weights_on_a_bf16_model(base_pipes):
             out = _run(model, inputs)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert (out.float() - base.float()).abs().max() > 0
+
+
+def test_one_user_per_prompt_in_a_batch(base_pipes):
+    pipe = _fresh(base_pipes, "sdxl")
+    add_user_attention(pipe.unet, encoder_dim=ENC_DIM, seed=0)
+    _perturb(pipe.unet)
+    users = torch.randn(2, 3, ENC_DIM, generator=torch.Generator().manual_seed(1))
+    kw = dict(GEN, guidance_scale=4.0)
+    kw.pop("prompt")
+    both = pipe(prompt=["a red cube", "a blue ball"], user_embedding=users,
+                generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], **kw).images
+    for i, (prompt, seed) in enumerate([("a red cube", 5), ("a blue ball", 6)]):
+        alone = pipe(prompt=prompt, user_embedding=users[i], generator=torch.Generator().manual_seed(seed), **kw).images
+        assert abs(both[i] - alone[0]).max() < 1e-4
+    swapped = pipe(prompt=["a red cube", "a blue ball"], user_embedding=users.flip(0),
+                   generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)], **kw).images
+    assert abs(swapped - both).max() > 1e-4

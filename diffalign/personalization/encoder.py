@@ -216,7 +216,7 @@ class ClipUserEncoder(UserEncoder):
             x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
             batch.append(x.clamp(0, 1)[0])
         x = torch.stack(batch).to(self.mean.device)
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).to(next(self.clip.parameters()).dtype)
 
     @torch.no_grad()
     def example_features(self, examples: Sequence[UserExample]) -> torch.Tensor:

@@ -59,7 +59,8 @@ class PPDConditioning:
         self.user_dropout = user_dropout
         self.seed = seed
         self.train_encoder_head = train_encoder_head
-        self.cache = UserEmbeddingCache(encoder)  # frozen backbone features, computed once per user
+        self.cache = UserEmbeddingCache(encoder)
+        self._features: dict[str, torch.Tensor] = {}  # frozen backbone features, computed once per user
         self.model = None
         self.null_rows = 0  # groups trained with the null user (dropout)
 
@@ -75,10 +76,16 @@ class PPDConditioning:
         missing = [u for u in user_ids if u not in self.contexts]
         if missing:
             raise KeyError(f"users without context examples: {missing[:5]}; split the data with split_users first")
-        features = [self.cache.features(u, self.contexts[u]) for u in user_ids]
+        features = [self._user_features(u) for u in user_ids]
         stacked, mask = self.encoder.stack_features(features)
         device = next(self.encoder.head.parameters()).device
         return self.encoder.pool(stacked.to(device), mask.to(device))
+
+    def _user_features(self, user: str) -> torch.Tensor:
+        # Contexts are fixed for the run: key by user id alone (no per-step hashing of the images).
+        if user not in self._features:
+            self._features[user] = self.cache.features(user, self.contexts[user])
+        return self._features[user]
 
     def _keep(self, batch) -> torch.Tensor:
         b = len(batch["user_ids"])
