@@ -214,3 +214,26 @@ def test_prepare_ppd_holds_context_and_test_users_apart(encoder):
     assert train_users == set(split.train_users) and len(train) == 3 * (6 - 2)
     held = {i for u in split.train_users for i in split.context_rows[u]}
     assert not held & set(train.indices)
+
+
+def test_eval_script_runs_offline_and_fresh_attention_ties_the_base(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "eval", "personalization.py")
+    spec = importlib.util.spec_from_file_location("eval_personalization", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "ppd_eval.json"
+    module.main([
+        "--pretrained_model_name_or_path", "tiny:sd3", "--synthetic_user", "warm=toy_red:1", "--synthetic_user", "cool=toy_blue:1",
+        "--num_examples", "1", "2", "--prompts", "a square", "--seeds", "2", "--num_inference_steps", "2", "--resolution", "32",
+        "--interpolate", "warm", "cool", "--output", str(out),
+    ])
+    result = json.loads(out.read_text())
+    # Fresh user attention is the identity: every conditioned image equals the base image (a tie = 0.5).
+    assert result["win_rates"]["mean_win_rate"] == {"1": 0.5, "2": 0.5}
+    assert result["interpolation"]["spearman_a"] is None and result["interpolation"]["monotone_a"]
+    with pytest.raises(ValueError, match="--judge"):
+        module.main(["--pretrained_model_name_or_path", "tiny:sd3", "--dataset", "x"])
