@@ -61,7 +61,22 @@ def load_pipeline(model: str, seed: int = 0, torch_dtype=None, revision: str | N
     kwargs = {"revision": revision, "variant": variant}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
-    return DiffusionPipeline.from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return DiffusionPipeline.from_pretrained(model, **kwargs, **null_components(model))
+
+
+def null_components(model: str) -> dict:
+    """`{name: None}` for the components a local model_index.json lists as null (e.g. SD3 saved without T5):
+    diffusers drops null entries on load and then reports the required ones missing unless they are passed."""
+    import json
+    import os
+
+    index = os.path.join(model, "model_index.json")
+    if not os.path.isfile(index):
+        return {}
+    with open(index, encoding="utf-8") as f:
+        entries = json.load(f)
+    return {k: None for k, v in entries.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
 
 
 def load_family(model: str, family: str | None = None, seed: int = 0, **options):

@@ -146,7 +146,9 @@ def load_pipeline(spec: GeneratorSpec, device):
         kwargs = {"torch_dtype": dtype}
         if spec.variant:
             kwargs["variant"] = spec.variant
-        pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs)
+        from diffalign.families import null_components
+
+        pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs, **null_components(spec.source))
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
