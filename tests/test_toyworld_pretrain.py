@@ -93,3 +93,21 @@ def test_config_errors():
 def test_cli_parses_types():
     cfg = P.parse_args(["--family", "sd3", "--steps", "7", "--lr", "0.5", "--time_limit_s", "3", "--progress", "false"])
     assert cfg.family == "sd3" and cfg.steps == 7 and cfg.lr == 0.5 and cfg.time_limit_s == 3.0 and cfg.progress is False
+
+
+def test_shipped_checkpoints_load_generate_and_fit_the_budget():
+    total = 0
+    for root, _, files in os.walk(P.CHECKPOINT_ROOT):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    assert total <= 30_000_000, f"shipped checkpoints take {total} bytes"
+    sd3 = P.load_toy_pipeline("sd3")
+    assert sd3("a photo of a red circle", num_inference_steps=2).images[0].size == (64, 64)
+
+    # toy-sdxl is really trained: single objects come out right (an untrained model scores 0 here).
+    from diffalign.toyworld import scenes
+    from diffalign.toyworld.detector import score_images
+
+    pipe = P.load_toy_pipeline("sdxl")
+    rows = [scenes.single_object_row(s) for s in scenes.SHAPES]
+    images = P.generate(pipe, [r["prompt"] for r in rows], list(range(len(rows))), 20, 5.0)
+    assert sum(score_images(images, rows)) >= 3

@@ -507,6 +507,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from tqdm.auto import tqdm
 
     device = _device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     os.makedirs(cfg.state_dir, exist_ok=True)
     state_path = os.path.join(cfg.state_dir, "state.pt")
     state = torch.load(state_path, map_location="cpu", weights_only=True) if os.path.exists(state_path) else {}
@@ -663,17 +666,20 @@ def save_pipeline(cfg: PretrainConfig, components: dict, modules: dict, ema: dic
 
 
 def slim_tokenizers(pipeline_dir: str) -> None:
-    """Keep the tokenizers as vocab.json + merges.txt (1.5 MB) instead of tokenizer.json (3.6 MB)."""
+    """Keep the tokenizers as compact vocab.json + merges.txt (1.4 MB) instead of tokenizer.json (3.6 MB)."""
     from diffalign.tokenization import clip_tokenizer_files
 
     src = clip_tokenizer_files()
+    with open(os.path.join(src, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
     for sub in ("tokenizer", "tokenizer_2"):
         d = os.path.join(pipeline_dir, sub)
         if not os.path.isdir(d):
             continue
-        for name in ("vocab.json", "merges.txt"):
-            with open(os.path.join(src, name), "rb") as fi, open(os.path.join(d, name), "wb") as fo:
-                fo.write(fi.read())
+        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(vocab, f, separators=(",", ":"), ensure_ascii=False)
+        with open(os.path.join(src, "merges.txt"), "rb") as fi, open(os.path.join(d, "merges.txt"), "wb") as fo:
+            fo.write(fi.read())
         tj = os.path.join(d, "tokenizer.json")
         if os.path.exists(tj):
             os.remove(tj)
