@@ -285,6 +285,42 @@ def test_browser_clicks_generate_and_sees_two_images(server, tmp_path):
         assert shot.size[0] == 1280 and shot.size[1] >= 600
 
 
+def test_browser_personalize_save_two_users_and_interpolate(server):
+    """The UI-only path (session state): build a user, save A and B, interpolate; and an error toast."""
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+    n_images = "document.querySelectorAll('.pixelated img').length"
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server["url"], wait_until="domcontentloaded")
+            page.get_by_role("tab", name="Personalize").click()
+            page.locator("#p_prompt textarea").fill(PROMPT)
+            page.locator("#show_pairs").click()
+            page.wait_for_function(f"{n_images} >= 8", timeout=60_000)
+            # User A answers 3 pairs, user B all 4 (other answers): the card's example count tells the runs apart.
+            for n, sides, button in ((3, ("left", "right"), "Save as user A"), (4, ("right", "left"), "Save as user B")):
+                for i in range(1, n + 1):
+                    page.locator(f"#choice_{i}").get_by_label(sides[i % 2]).check()
+                page.locator("#personalize").click()
+                page.wait_for_selector(f"text=for you · {n} examples", timeout=60_000)
+                page.get_by_role("button", name=button).click()
+            page.wait_for_selector("text=Saved: user A set, user B set.", timeout=30_000)
+            page.get_by_role("button", name="Generate between A and B").click()
+            page.wait_for_selector("text=between A and B · alpha 0.50", timeout=60_000)
+            # Bad input in the browser: a visible error toast, and the page keeps working.
+            page.get_by_role("tab", name="Compare").click()
+            page.locator("#prompt textarea").fill("")
+            page.get_by_role("button", name="Generate", exact=True).click()
+            page.wait_for_selector("text=The prompt is empty", timeout=30_000)
+        finally:
+            browser.close()
+
+
 # ---------------------------------------------------------------------------------------------- units
 
 
@@ -447,3 +483,13 @@ def test_user_adapter_checkpoint_zero_init_and_interpolation(tmp_path):
     assert not fresh.trained and "equals the base exactly" in fresh.notices[-1]
     emb = fresh.embed(fresh.examples(PROMPT, pairs, ["left", None, None, None], []))
     assert np.array_equal(np.asarray(fresh.generate(PROMPT, emb, 0, STEPS, SIZE, 5.0)), base)
+
+
+def test_cli_refuses_missing_checkpoints_before_serving(tmp_path, capsys):
+    from diffalign.cli import main
+
+    assert main(["demo", "--base", str(tmp_path / "no-model"), "--port", str(free_port())]) == 2
+    assert "neither an existing folder nor a Hub id" in capsys.readouterr().err
+    assert main(["demo", "--base", "tiny:sdxl", "--lora", str(tmp_path / "no-lora"), "--rewards", "none",
+                 "--port", str(free_port())]) == 2
+    assert "LoRA checkpoint" in capsys.readouterr().err
