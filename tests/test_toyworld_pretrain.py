@@ -37,6 +37,7 @@ def _run(tmp_path, family, steps, **kw):
         num_inference_steps=2,
         save_every=2,
         log_every=1,
+        vae_calibration_images=4,
         progress=False,
         **kw,
     )
@@ -109,5 +110,5 @@ def test_shipped_checkpoints_load_generate_and_fit_the_budget():
 
     pipe = P.load_toy_pipeline("sdxl")
     rows = [scenes.single_object_row(s) for s in scenes.SHAPES]
-    images = P.generate(pipe, [r["prompt"] for r in rows], list(range(len(rows))), 20, 5.0)
+    images = P.generate(pipe, [r["prompt"] for r in rows], list(range(len(rows))), 10, 5.0)
     assert sum(score_images(images, rows)) >= 3

@@ -240,6 +240,7 @@ class PretrainConfig:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
     vae_from: str | None = None  # a saved toy pipeline or VAE folder to reuse instead of stage 1
+    vae_calibration_images: int = 256  # images whose latents set scaling_factor / shift_factor
     # stage 2: denoiser + text encoders
     steps: int = 20000
     batch_size: int = 64
@@ -272,7 +273,7 @@ class PretrainConfig:
             self.output_dir = os.path.join(CHECKPOINT_ROOT, f"toy-{self.family}")
         if self.state_dir is None:
             self.state_dir = os.path.join("runs", f"toy-{self.family}")
-        for name in ("steps", "batch_size", "vae_batch_size", "save_every", "eval_every", "log_every"):
+        for name in ("steps", "batch_size", "vae_batch_size", "save_every", "eval_every", "log_every", "vae_calibration_images"):
             if getattr(self, name) < 0 or (name != "steps" and getattr(self, name) == 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -431,7 +432,7 @@ def train_vae(cfg: PretrainConfig, vae, device, state: dict) -> None:
 def calibrate_vae(cfg: PretrainConfig, vae, device) -> None:
     """Set `scaling_factor` (and SD3's `shift_factor`) so that training latents have unit variance."""
     stream = SceneStream(cfg.seed + 20_000, cfg.p_full_caption)
-    x = torch.stack([stream[i][0] for i in range(256)]).to(device)
+    x = torch.stack([stream[i][0] for i in range(cfg.vae_calibration_images)]).to(device)
     z = vae.encode(x).latent_dist.mean.float()
     shift = float(z.mean()) if cfg.family == "sd3" else 0.0
     scale = float(1.0 / (z - shift).std())
