@@ -313,7 +313,8 @@ def cpu_suite(args):
             "ratio_ours_cached_over_baseline": ratio, "target_ratio": 0.7, "meets_target": ratio <= 0.7, "rows": rows}
 
 
-def full_suite(args):
+def full_suite(args, emit=lambda partial: None):
+    """`emit` gets the partial result after every mode, so a run killed by a time limit still leaves JSON."""
     dry = args.cpu_dry_run
     device = torch.device("cpu" if dry else "cuda")
     if not dry and not torch.cuda.is_available():
@@ -330,8 +331,14 @@ def full_suite(args):
     lat_sd3 = (4, 32, 32) if dry else (16, res // 8, res // 8)
     R, W = args.rounds, args.warmup
 
-    def over_budget(name):
-        if time.perf_counter() - t_start > args.budget_s:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run, tiny models)"
+    result = {"device": name, "peak_bf16_tflops": peak_tflops(device), "resolution": res, "pairs_per_step": b,
+              "skipped_over_budget": skipped, "rows": rows}
+
+    def over_budget(name, headroom=0.0):
+        result["wall_s"] = time.perf_counter() - t_start
+        emit(result)
+        if time.perf_counter() - t_start > args.budget_s - headroom:
             skipped.append(name)
             return True
         return False
@@ -349,11 +356,12 @@ def full_suite(args):
     note = "ABAB with baseline; both models resident"
     rows.append(row("sdxl baseline DPO-example LoRA (VAE+text each step)", bt, b, device, f_base, m_base, note))
     rows.append(row("sdxl ours LoRA (cache)", ot, b, device, f_ours, m_ours, note))
+    result["ratio_ours_cached_over_baseline"] = statistics.median(ot) / statistics.median(bt)
     del base, ours
     free()
 
     def single(name, comps_fn, family, tuning, gc_, compile_, lat, flops=None):
-        if over_budget(name):
+        if over_budget(name, headroom=args.compile_headroom_s if compile_ else 0.0):
             return None
         tr = make_ours(comps_fn(), family, mp, tuning, grad_ckpt=gc_, compile_=compile_)
         batch = cached_batch(tr.adapter, pixel_batch(b, res, prompts)["pixel_values"], prompts, device, random_latents_shape=lat)
@@ -372,10 +380,8 @@ def full_suite(args):
     if not args.no_compile:
         single("sdxl ours LoRA + torch.compile (cache)", sdxl_comps, "sdxl", "lora", False, True, lat_sdxl, flops=f_ours)
         single("sd3 ours LoRA + torch.compile (cache)", sd3_comps, "sd3", "lora", False, True, lat_sd3, flops=f3)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run, tiny models)"
-    return {"device": name, "peak_bf16_tflops": peak_tflops(device), "resolution": res, "pairs_per_step": b,
-            "ratio_ours_cached_over_baseline": statistics.median(ot) / statistics.median(bt),
-            "skipped_over_budget": skipped, "wall_s": time.perf_counter() - t_start, "rows": rows}
+    result["wall_s"] = time.perf_counter() - t_start
+    return result
 
 
 def print_table(result):
@@ -400,19 +406,27 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="timed steps per mode (default 15 CPU, 5 GPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--pairs", type=int, default=1, help="pairs per step for --full-size")
-    p.add_argument("--budget-s", type=float, default=200.0, help="--full-size: skip remaining modes after this many seconds")
+    p.add_argument("--budget-s", type=float, default=240.0, help="--full-size: skip remaining modes after this many seconds")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-headroom-s", type=float, default=90.0,
+                   help="start a torch.compile mode only if this much of --budget-s is left (compilation is slow)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.rounds is None:
         args.rounds = 5 if args.full_size else 15
     torch.manual_seed(0)
-    result = full_suite(args) if args.full_size else cpu_suite(args)
-    result["command"] = " ".join(sys.argv)
     out = args.out if args.out.endswith(".json") else os.path.join(args.out, "train_step.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+
+    def write(result):
+        result["command"] = " ".join(sys.argv)
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, out)
+
+    result = full_suite(args, emit=write) if args.full_size else cpu_suite(args)
+    write(result)
     print_table(result)
     print(f"wrote {out}")
 

@@ -172,6 +172,18 @@ def test_sd3_rankdpo_runs(tmp_path, tuning):
         assert os.path.isfile(os.path.join(cfg.output_dir, "transformer", "config.json"))
 
 
+def test_precomputed_reference_gives_the_same_losses(tmp_path):
+    # Two epochs (6 groups, 2 per step), prompt dropout on: every draw is keyed by (epoch, group).
+    kw = dict(pretrained_model_name_or_path="tiny:sd3", objective="rankdpo", dataset="synthetic:ranked:6:3", resolution=32,
+              max_train_steps=5, prompt_dropout=0.5)
+    PreferenceTrainer(tiny(tmp_path, "live", **kw)).train()
+    PreferenceTrainer(tiny(tmp_path, "pre", precompute_reference=True, **kw)).train()
+    live, pre = read_losses(tmp_path / "live"), read_losses(tmp_path / "pre")
+    assert sorted(live) == sorted(pre) == [1, 2, 3, 4, 5]
+    for step in live:
+        assert pre[step] == pytest.approx(live[step], abs=1e-6)
+
+
 class NanAfter(SyntheticPreferenceDataset):
     """Groups turn NaN from the `bad_from`-th item read on (batch 1, no workers: step = item)."""
 

@@ -56,6 +56,10 @@ class TrainConfig:
     max_train_samples: int | None = None
     dataloader_num_workers: int = 0
     prompt_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
+    # Run the frozen reference over the run's batches once, before training, and reuse its errors
+    # (as TRL's precompute_ref_log_probs): the training step then runs only the policy. Exact:
+    # noise, timestep and dropout of a group depend only on (seed, epoch, group index).
+    precompute_reference: bool = False
 
     # --- tuning ----------------------------------------------------------------------------
     tuning: str = "lora"  # lora / full

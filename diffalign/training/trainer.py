@@ -57,8 +57,9 @@ class ConditioningHook:
         return []
 
 
-def step_seed(seed: int, micro_step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def group_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
+    entropy = [seed, epoch + 2**31, index, purpose]  # SeedSequence needs non-negative words
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class GroupBatchSampler:
@@ -81,8 +82,32 @@ class GroupBatchSampler:
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             g = self.batch_size * self.num_replicas
             chunk = perm[j * g : (j + 1) * g]
-            yield chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            yield [(epoch, i) for i in chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]]
             step += 1
+
+
+class KeyedDataset(torch.utils.data.Dataset):
+    """Reads item `index` for a key (epoch, index) and tags it with the key (see `_generators`)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        item = dict(self.dataset[index])
+        item["group_key"] = (int(epoch), int(index))
+        return item
+
+
+def collate_keyed(items: list[dict]) -> dict:
+    from diffalign.data import collate_groups
+
+    batch = collate_groups(items)
+    batch["group_keys"] = [item["group_key"] for item in items]
+    return batch
 
 
 @contextlib.contextmanager
@@ -320,18 +345,27 @@ class PreferenceTrainer:
             return self.conditioning.policy_context(self.unwrapped, batch)
         return contextlib.nullcontext()
 
-    def compute_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
-        """Loss and metrics of one micro-batch; all randomness from (seed, micro_step, process)."""
-        cfg, adapter, acc = self.config, self.adapter, self.accelerator
-        g = torch.Generator().manual_seed(step_seed(cfg.seed, micro_step, acc.process_index))
+    def _generators(self, batch: dict, micro_step: int, purpose: int) -> list[torch.Generator]:
+        """One generator per group, seeded by (seed, epoch, group index, purpose): the draws of a group
+        do not depend on batch composition, process count or step, so reference errors can be
+        precomputed and a resumed run replays the same numbers."""
+        keys = batch.get("group_keys")
+        if keys is None:  # a hand-made batch (tests, benchmarks): key by micro-step and position
+            keys = [(-1 - micro_step, j) for j in range(len(batch["scores"]))]
+        return [torch.Generator().manual_seed(group_seed(self.config.seed, e, i, purpose)) for e, i in keys]
+
+    def prepare_inputs(self, batch: dict, micro_step: int = 0) -> dict:
+        """Denoiser inputs for a batch: latents (cached or VAE-sampled), text (cached or encoded), prompt
+        dropout, micro-conditioning and group-shared noise/timesteps -> x_t, target, weight."""
+        cfg, adapter = self.config, self.adapter
         scores = batch["scores"].to(self.device, torch.float32)
         b, k = scores.shape
         if "latents" in batch:
             latents = batch["latents"].to(self.device, torch.float32)
         else:
-            px = batch["pixel_values"]
-            enc = adapter.encode_images(px.flatten(0, 1).to(self.device), generator=g)
-            latents = enc.float().view(b, k, *enc.shape[1:])
+            px = batch["pixel_values"].to(self.device)
+            gens = self._generators(batch, micro_step, 0)
+            latents = torch.stack([adapter.encode_images(px[i], generator=gens[i]).float() for i in range(b)])
         text = batch.get("text")
         if text is None:
             text = adapter.encode_prompts(list(batch["prompts"]))
@@ -339,7 +373,8 @@ class PreferenceTrainer:
         if self.null_text is not None:
             from diffalign.families import drop_prompts
 
-            text = drop_prompts(text, self.null_text, torch.rand(b, generator=g) < cfg.prompt_dropout)
+            drop = torch.tensor([bool(torch.rand(1, generator=g) < cfg.prompt_dropout) for g in self._generators(batch, micro_step, 1)])
+            text = drop_prompts(text, self.null_text, drop)
         from diffalign.families import repeat_groups
 
         text = repeat_groups(text, k)
@@ -350,21 +385,40 @@ class PreferenceTrainer:
         )
         if micro is not None:
             micro = {key: value.to(self.device) for key, value in micro.items()}
-        inputs = adapter.training_inputs(latents, generator=g)
-        x_t, t, target, weight = inputs["x_t"], inputs["timesteps"], inputs["target"], inputs["weight"]
+        pieces = [adapter.group_noise_and_timesteps(latents[i : i + 1], g) for i, g in enumerate(self._generators(batch, micro_step, 2))]
+        noise = torch.cat([p[0] for p in pieces])
+        timesteps = torch.cat([p[1] for p in pieces])
+        inputs = adapter.training_inputs(latents, noise=noise, timesteps=timesteps)
+        return {**inputs, "text": text, "micro": micro, "scores": scores, "b": b, "k": k}
 
+    @torch.no_grad()
+    def reference_errors(self, batch: dict, micro_step: int = 0, inputs: dict | None = None) -> torch.Tensor:
+        """Per-sample errors (B, k) of the frozen reference: LoRA adapters off, or the frozen copy."""
+        from diffalign.kernels import per_sample_error
+
+        inputs = inputs if inputs is not None else self.prepare_inputs(batch, micro_step)
+        ref_model = self.reference if self.reference is not None else self.unwrapped
+        with self._reference_context(batch), self.accelerator.autocast():
+            ref_pred = self.adapter.predict(ref_model, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
+        return per_sample_error(ref_pred, inputs["target"], inputs["weight"]).view(inputs["b"], inputs["k"])
+
+    def compute_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
+        """Loss and metrics of one micro-batch. A batch carrying `ref_errors` (precomputed) skips the reference pass."""
         from diffalign.kernels import per_sample_error
         from diffalign.objectives import compute
 
+        cfg, adapter, acc = self.config, self.adapter, self.accelerator
+        inputs = self.prepare_inputs(batch, micro_step)
+        b, k = inputs["b"], inputs["k"]
         err_ref = None
         if self.needs_reference:
-            ref_model = self.reference if self.reference is not None else self.unwrapped
-            with torch.no_grad(), self._reference_context(batch), acc.autocast():
-                ref_pred = adapter.predict(ref_model, x_t, t, text, micro)
-            err_ref = per_sample_error(ref_pred, target, weight).view(b, k)
+            if "ref_errors" in batch:
+                err_ref = batch["ref_errors"].to(self.device, torch.float32)
+            else:
+                err_ref = self.reference_errors(batch, micro_step, inputs)
         with self._policy_context(batch), acc.autocast():
-            pred = adapter.predict(self.denoiser, x_t, t, text, micro)
-        err_policy = per_sample_error(pred, target, weight).view(b, k)
+            pred = adapter.predict(self.denoiser, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
+        err_policy = per_sample_error(pred, inputs["target"], inputs["weight"]).view(b, k)
         # A NaN/inf error must stop every process at the same step, before the objective rejects it.
         bad = (~torch.isfinite(err_policy.detach())).any()
         if err_ref is not None:
@@ -375,8 +429,30 @@ class PreferenceTrainer:
         if cfg.loss_name == "rankdpo":
             kwargs = {"weighting": cfg.rank_weighting, "discount_from": cfg.discount_from}
         beta = {} if cfg.loss_name == "sft" else {"beta": cfg.beta}
-        loss, metrics = compute(cfg.loss_name, err_policy, err_ref, scores, **beta, **kwargs)
+        loss, metrics = compute(cfg.loss_name, err_policy, err_ref, inputs["scores"], **beta, **kwargs)
         return loss.float(), metrics
+
+    def precompute_reference(self, start_step: int = 0) -> dict:
+        """Reference errors for every (epoch, group) this process will visit from `start_step` to the end."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.config, self.accelerator
+        if self.conditioning is not None:
+            raise ValueError("precompute_reference cannot be combined with a conditioning hook (PPD); turn it off")
+        accum = cfg.gradient_accumulation_steps
+        total = (cfg.max_train_steps - start_step) * accum
+        sampler = GroupBatchSampler(len(self.dataset), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
+                                    start=start_step * accum)
+        loader = torch.utils.data.DataLoader(KeyedDataset(self.dataset), batch_sampler=sampler, collate_fn=collate_keyed,
+                                             num_workers=cfg.dataloader_num_workers)
+        table: dict = {}
+        it = iter(loader)
+        for m in tqdm(range(total), desc="reference", disable=not (acc.is_local_main_process and cfg.progress_bar)):
+            batch = next(it)
+            errors = self.reference_errors(batch, start_step * accum + m).float().cpu()
+            for key, row in zip(batch["group_keys"], errors):
+                table[tuple(key)] = row
+        return table
 
     def optimizer_step(self, batches: list[dict], step: int, micro_step: int) -> dict[str, float]:
         """One optimiser update over `batches` (the gradient-accumulation micro-batches); returns the
@@ -494,7 +570,6 @@ class PreferenceTrainer:
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run to `max_train_steps`; returns (and writes) the training summary."""
-        from diffalign.data import collate_groups
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
@@ -502,11 +577,12 @@ class PreferenceTrainer:
         accum = cfg.gradient_accumulation_steps
         sampler = GroupBatchSampler(len(self.dataset), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
                                     start=start_step * accum)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate_groups,
+        loader = torch.utils.data.DataLoader(KeyedDataset(self.dataset), batch_sampler=sampler, collate_fn=collate_keyed,
                                              num_workers=cfg.dataloader_num_workers)
         if cfg.report_to not in ("none", "", None):
             acc.init_trackers(cfg.tracker_project_name, config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                               for k, v in cfg.to_dict().items()})
+        ref_table = self.precompute_reference(start_step) if cfg.precompute_reference and self.needs_reference else None
         losses_path = os.path.join(cfg.output_dir, LOSSES_FILE)
         bar = tqdm(total=cfg.max_train_steps, initial=start_step, desc="train",
                    disable=not (acc.is_local_main_process and cfg.progress_bar))
@@ -521,6 +597,9 @@ class PreferenceTrainer:
         while step < cfg.max_train_steps:
             t0 = time.perf_counter()
             batches = [next(data_iter) for _ in range(accum)]
+            if ref_table is not None:
+                for batch in batches:
+                    batch["ref_errors"] = torch.stack([ref_table[key] for key in batch["group_keys"]])
             sums = self.optimizer_step(batches, step, micro_step)
             micro_step += accum
             step += 1
