@@ -424,3 +424,43 @@ def test_cli_generate_from_folder_with_lora(tmp_path):
                 *common,
             ]
         )
+
+
+def test_cli_evaluate_with_toyworld_detector(tmp_path, capsys):
+    """`diffalign geneval evaluate --detector toyworld` on rendered toy scenes (colours from the detector, no CLIP)."""
+    from diffalign.cli import main as cli_main
+    from diffalign.toyworld.scenes import render, sample_row, sample_scene
+
+    rng = np.random.default_rng(0)
+    rows = [sample_row(rng, task) for task in TAGS]
+    meta_file = tmp_path / "toy.jsonl"
+    meta_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "toy"
+    for i, row in enumerate(rows):
+        (out / f"{i:05d}" / "samples").mkdir(parents=True)
+        (out / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(row))
+        render(sample_scene(row, rng)).save(out / f"{i:05d}" / "samples" / "0000.png")
+    assert (
+        cli_main(["geneval", "evaluate", str(out), "--detector", "toyworld", "--metadata", str(meta_file)])
+        == 0
+    )
+    rows_out = read_results(str(out / "results.jsonl"))
+    assert len(rows_out) == 6 and {r["tag"] for r in rows_out} == set(TAGS)
+    # Exact renders through the exact detector: (nearly) everything must be judged correct.
+    assert sum(r["correct"] for r in rows_out) >= 5, [r["reason"] for r in rows_out]
+    # Against the official prompts these folders are a metadata mismatch: exit status 1, named.
+    assert (
+        cli_main(
+            [
+                "geneval",
+                "evaluate",
+                str(out),
+                "--detector",
+                "toyworld",
+                "--outfile",
+                str(tmp_path / "o.jsonl"),
+            ]
+        )
+        == 1
+    )
+    assert "metadata mismatch" in capsys.readouterr().err
