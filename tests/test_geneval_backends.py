@@ -206,3 +206,38 @@ def test_toyworld_detector_loads_lazily_through_the_registry():
     assert type(det).__module__ == "diffalign.toyworld.detector"
     out = det.detect(Image.new("RGB", (64, 64), (200, 200, 200)), ["circle"])
     assert isinstance(out, dict) and all(isinstance(v, list) for v in out.values())
+
+
+def test_postprocess_agrees_with_transformers_when_no_resizing_differs():
+    """At 384x384 (transformers' fixed mask grid) our mmdet-style post-processing equals
+    `Mask2FormerImageProcessor.post_process_instance_segmentation` (top num_queries pairs)."""
+    from transformers import Mask2FormerImageProcessor
+
+    torch.manual_seed(0)
+    q, c = 6, 5
+    class_logits = torch.randn(q, c + 1) * 3
+    mask_logits = torch.randn(q, 96, 96) * 4
+    labels, scores, masks = instance_postprocess(
+        class_logits,
+        mask_logits,
+        padded_size=(384, 384),
+        valid_size=(384, 384),
+        image_size=(384, 384),
+        max_per_image=q,
+    )
+
+    class Out:
+        class_queries_logits = class_logits[None]
+        masks_queries_logits = mask_logits[None]
+
+    ref = Mask2FormerImageProcessor().post_process_instance_segmentation(
+        Out(), threshold=0.0, target_sizes=[(384, 384)], return_binary_maps=True
+    )[0]
+    ours = sorted(
+        (int(lab), round(float(s), 5), int(m.sum())) for lab, s, m in zip(labels, scores, masks) if m.any()
+    )
+    theirs = sorted(
+        (info["label_id"], round(info["score"], 5), int(ref["segmentation"][k].sum()))
+        for k, info in enumerate(ref["segments_info"])
+    )
+    assert len(ours) > 0 and ours == theirs
