@@ -60,7 +60,8 @@ def write_results(folder: str, rows: list[tuple[str, bool]]) -> None:
             name = f"images/{i:04d}.png"
             Image.new("RGB", (32, 32), (200, 20 * i % 255, 0)).save(os.path.join(folder, name))
             f.write(json.dumps({"filename": name, "tag": tag, "prompt": f"prompt {i}", "correct": ok,
-                                "reason": "" if ok else f"reason {i}"}) + "\n")
+                                "reason": "" if ok else f"reason {i}",
+                                "metadata": json.dumps({"tag": tag, "prompt": f"prompt {i}"})}) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -403,6 +404,8 @@ def test_benchmark_accuracy_is_mean_of_task_means(tmp_path):
     (tmp_path / "results.jsonl").write_text('{"tag": "colors"}\n')
     with pytest.raises(DemoInputError, match="lacks"):
         bench.load_run(str(tmp_path))
+    with pytest.raises(DemoInputError, match="no results.jsonl"):
+        bench.load_run(str(tmp_path / "missing"))
     shutil.rmtree(tmp_path)
 
 

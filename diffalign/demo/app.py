@@ -82,9 +82,10 @@ class DemoState:
         self.scorer = Scorer(config.rewards, self.models.device, geneval=config.geneval, model_kind=self.models.source.kind)
         self.personalizer = Personalizer(self.models, config.user_adapter, config.user_encoder)
         native = self.models.native_size
-        self.default_size = config.default_size or min(max(native, config.min_size), config.max_size)
-        self.default_steps = config.default_steps or min(20, config.max_steps)
         self.size_step = self.models.size_multiple
+        self.default_size = check_size(config.default_size or min(max(native, config.min_size), config.max_size),
+                                       config.min_size, config.max_size, self.size_step)
+        self.default_steps = check_steps(config.default_steps or min(20, config.max_steps), config.max_steps)
         self.notices = list(self.models.source.notices)
         if self.models.default_lora is None:
             self.notices.append(
@@ -203,7 +204,9 @@ class DemoState:
     def benchmark(self, folders):
         runs = bench.load_runs(folders)
         headers, rows = bench.table(runs)
-        return bench.bar_figure(runs), {"headers": headers, "data": rows}, gr.Dropdown(choices=[r.name for r in runs], value=runs[0].name), runs
+        import pandas as pd
+
+        return bench.bar_figure(runs), pd.DataFrame(rows, columns=headers), gr.Dropdown(choices=[r.name for r in runs], value=runs[0].name), runs
 
     def failures(self, run_name, runs):
         if not runs:
@@ -224,6 +227,8 @@ class DemoState:
             gallery.append((open_image_upload(path, c.max_upload_bytes, c.max_upload_pixels), bench.failure_caption(row)))
             shown += 1
         note = f"{len(failed)} failures of {len(run.rows)} images in `{run.name}`; showing {shown}"
+        if run.errors:
+            note += f". {run.errors} images could not be evaluated (see results.jsonl.errors.jsonl) and are not counted"
         if without_image:
             note += f"; {without_image} rows have no image file on disk"
         return gallery, note
@@ -349,7 +354,7 @@ def build_app(config: DemoConfig, state: DemoState | None = None) -> gr.Blocks:
             folders = gr.Textbox(value="\n".join(config.results_dirs), lines=3, label="results folders", elem_id="results_dirs")
             load = gr.Button("Load", elem_id="load_results")
             plot = gr.Plot(label="per-task accuracy")
-            table = gr.JSON(label="accuracy table")
+            table = gr.Dataframe(label="accuracy (overall = mean of the task means)", interactive=False)
             runs_state = gr.State([])
             run_pick = gr.Dropdown(choices=[], label="browse failures of run")
             fail_note = gr.Markdown()
@@ -357,6 +362,10 @@ def build_app(config: DemoConfig, state: DemoState | None = None) -> gr.Blocks:
             load.click(user_errors(s.benchmark), [folders], [plot, table, run_pick, runs_state],
                        api_name="benchmark", concurrency_limit=4).then(
                 user_errors(s.failures), [run_pick, runs_state], [gallery, fail_note], api_visibility="private")
+            if config.results_dirs:  # --results: show them as soon as the page opens
+                demo.load(user_errors(s.benchmark), [folders], [plot, table, run_pick, runs_state],
+                          api_visibility="private").then(
+                    user_errors(s.failures), [run_pick, runs_state], [gallery, fail_note], api_visibility="private")
             run_pick.input(user_errors(s.failures), [run_pick, runs_state], [gallery, fail_note], api_visibility="private")
 
     demo.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.max_queue_size)

@@ -1,15 +1,17 @@
-"""The Benchmark tab: read GenEval results folders (official `results.jsonl` rows), per-task accuracy, failures."""
+"""The Benchmark tab: read GenEval results folders (official `results.jsonl` rows), per-task accuracy, failures.
+
+Reading and summarising are `diffalign.evaluation.geneval.summary`'s (the same numbers `diffalign geneval
+summary` prints); this module adds the plot and the failure browser."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from diffalign.demo.validation import DemoInputError
+from diffalign.evaluation.geneval.rules import TAGS as TASK_ORDER  # GenEval's task order
 
 RESULTS_FILE = "results.jsonl"
-TASK_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
 @dataclass
@@ -17,15 +19,18 @@ class Run:
     name: str
     folder: str
     rows: list[dict]
+    errors: int = 0  # images/folders `evaluate` could not score (<results>.errors.jsonl)
+
+    def summary(self) -> dict:
+        from diffalign.evaluation.geneval.summary import summarize
+
+        return summarize(self.rows, errors=self.errors)
 
     def accuracy(self) -> dict[str, float]:
         """Per-task accuracy and overall = the mean of the task means (GenEval's summary rule)."""
-        by_tag: dict[str, list[bool]] = {}
-        for r in self.rows:
-            by_tag.setdefault(r["tag"], []).append(bool(r["correct"]))
-        acc = {t: sum(v) / len(v) for t, v in by_tag.items()}
-        out = {t: acc[t] for t in _ordered(acc)}
-        out["overall"] = sum(acc.values()) / len(acc)
+        summary = self.summary()
+        out = {t: v["accuracy"] for t, v in summary["tasks"].items()}
+        out["overall"] = summary["overall"]
         return out
 
     def failures(self) -> list[dict]:
@@ -38,6 +43,8 @@ def _ordered(tags) -> list[str]:
 
 
 def load_run(folder: str) -> Run:
+    from diffalign.evaluation.geneval.summary import count_errors, read_results
+
     folder = os.path.expanduser(folder.strip())
     if not folder:
         raise DemoInputError("the results folder is empty; give the folder `diffalign geneval evaluate` wrote")
@@ -46,28 +53,17 @@ def load_run(folder: str) -> Run:
         raise DemoInputError(
             f"no {RESULTS_FILE} at {folder!r}; point at a GenEval results folder (run `diffalign geneval` first)"
         )
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DemoInputError(f"{path}:{lineno} is not valid JSON ({e})") from None
-            missing = [k for k in ("tag", "correct") if k not in row]
-            if missing:
-                raise DemoInputError(f"{path}:{lineno} lacks {missing}; expected GenEval results rows")
-            rows.append(row)
-    if not rows:
-        raise DemoInputError(f"{path} holds no results")
+    try:
+        rows = read_results(path)
+    except ValueError as e:
+        raise DemoInputError(str(e)) from None
     base = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(base.rstrip(os.sep)) or base
-    return Run(name=name, folder=base, rows=rows)
+    return Run(name=name, folder=base, rows=rows, errors=count_errors(path))
 
 
 def load_runs(text: str) -> list[Run]:
-    folders = [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
+    folders = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not folders:
         raise DemoInputError("no results folder given; enter one folder per line")
     runs = [load_run(f) for f in folders]
@@ -102,7 +98,7 @@ def bar_figure(runs: list[Run]):
     for i, run in enumerate(runs):
         acc = run.accuracy()
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(tags))]
-        ax.bar(xs, [acc.get(t, 0.0) for t in tags], width, label=run.name)
+        ax.bar(xs, [acc.get(t, float("nan")) for t in tags], width, label=run.name)  # NaN: task not in this run
     ax.set_xticks(range(len(tags)))
     ax.set_xticklabels(tags, rotation=20)
     ax.set_ylim(0, 1)
@@ -113,11 +109,16 @@ def bar_figure(runs: list[Run]):
 
 
 def failure_path(run: Run, row: dict) -> str | None:
+    """The image of a result row: `filename` as written (absolute, or relative to where evaluate ran), else
+    relative to the results folder, else `<NNNNN>/samples/<name>` under it (the official layout)."""
     name = row.get("filename")
     if not name:
         return None
-    path = name if os.path.isabs(name) else os.path.join(run.folder, name)
-    return path if os.path.isfile(path) else None
+    candidates = [name, os.path.join(run.folder, name)]
+    parts = os.path.normpath(name).split(os.sep)
+    if len(parts) >= 3:
+        candidates.append(os.path.join(run.folder, *parts[-3:]))
+    return next((c for c in candidates if os.path.isfile(c)), None)
 
 
 def failure_caption(row: dict) -> str:
