@@ -91,7 +91,7 @@ def format_table(summaries: Mapping[str, Mapping]) -> str:
     names = list(summaries)
     tags = [t for t in TAGS if any(t in s["tasks"] for s in summaries.values())]
     tags += [t for s in summaries.values() for t in s["tasks"] if t not in tags]
-    width = max(12, *(len(n) for n in names))
+    width = max(18, *(len(n) for n in names))  # "0.1234 (100/100)" fits
     lines = [f"{'task':<16}" + "".join(f"{n:>{width + 2}}" for n in names)]
     lines.append("-" * len(lines[0]))
 
@@ -141,10 +141,10 @@ def plot_summaries(summaries: Mapping[str, Mapping], path: str) -> str:
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(tags)))
     ax.set_xticklabels(tags, rotation=20)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
     ax.set_ylabel("accuracy")
     ax.set_title("GenEval")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=max(1, len(names)), fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
