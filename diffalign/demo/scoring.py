@@ -44,12 +44,13 @@ def _register_toy_rewards() -> None:
             logger.warning("could not import %s: %s", mod, e)
 
 
-def default_reward_specs(model_kind: str = "toy") -> tuple[list[str], list[str]]:
-    """The rewards shown when `--rewards` is not given: only what builds offline. Returns (specs, notices).
+def default_reward_specs(model_kind: str = "toy") -> tuple[list[list[str]], list[str]]:
+    """The rewards shown when `--rewards` is not given: only what builds offline.
 
+    Returns (slots, notices); each slot lists alternatives, and the first that loads is shown:
     - toy/tiny models: `toy_geneval` (the exact checker as a graded reward; toy-world prompts only);
-    - `toy_clip` (the toy world's trained CLIP) when registered, else `clip_score` on the tiny open_clip
-      config with RANDOM weights, said plainly.
+    - a CLIP reward: `toy_clip` (the toy world's trained CLIP) when it is registered and its weights are
+      there, else `clip_score` on the tiny open_clip config with RANDOM weights, said plainly.
     """
     try:
         from diffalign import rewards
@@ -57,22 +58,25 @@ def default_reward_specs(model_kind: str = "toy") -> tuple[list[str], list[str]]
         return [], [f"No reward models: diffalign.rewards does not import ({e})."]
     _register_toy_rewards()
     names = rewards.available()
-    specs, notices = [], []
+    slots, notices = [], []
     if model_kind in ("toy", "tiny") and TOY_GENEVAL_REWARD in names:
-        specs.append(TOY_GENEVAL_REWARD)
-    if TOY_REWARD in names:
-        specs.append(TOY_REWARD)
-    elif "clip_score" in names:
+        slots.append([TOY_GENEVAL_REWARD])
+    clip = [TOY_REWARD] if TOY_REWARD in names else []
+    if "clip_score" in names:
         # torchmetrics form (100 * cos): the hessel form clamps a random model's negative cosines to 0.
-        specs.append(f"clip_score:model_name='{rewards.TINY_CLIP}',random_init=True,form='torchmetrics'")
-        notices.append(
-            f"Reward `clip_score` uses the tiny open_clip config `{rewards.TINY_CLIP}` with RANDOM weights (nothing is "
-            "downloaded): its numbers show the plumbing, not quality. Pass `--rewards` for real reward models "
-            "(e.g. `--rewards pickscore clip_score:model_name=ViT-L-14,pretrained=openai`)."
-        )
-    if not specs:
+        clip.append(f"clip_score:model_name='{rewards.TINY_CLIP}',random_init=True,form='torchmetrics'")
+    if clip:
+        slots.append(clip)
+    if not slots:
         notices.append("No reward models are shown: none in the registry builds offline. Pass `--rewards NAME` to add one.")
-    return specs, notices
+    return slots, notices
+
+
+RANDOM_CLIP_NOTICE = (
+    "Reward `clip_score (random)` is the tiny open_clip config `{name}` with RANDOM weights (nothing is "
+    "downloaded): its numbers show the plumbing, not quality. Pass `--rewards` for real reward models "
+    "(e.g. `--rewards pickscore clip_score:model_name=ViT-L-14,pretrained=openai`)."
+)
 
 
 def _label(name: str, kwargs: dict) -> str:
@@ -86,33 +90,41 @@ class Scorer:
 
     def __init__(self, reward_specs: list[str] | None, device, geneval: bool = True, model_kind: str = "toy"):
         self.notices: list[str] = []
-        defaults = reward_specs is None
-        if defaults:
-            reward_specs, self.notices = default_reward_specs(model_kind)
-        reward_specs = [s for s in reward_specs if s.strip().lower() != "none"]
-        if not reward_specs and not self.notices:
-            self.notices.append("No reward models are shown (`--rewards none`).")
         self.rewards = []
-        for spec in reward_specs:
-            name, kwargs = parse_reward_spec(spec)
-            from diffalign import rewards
+        self._specs: list[tuple[str, str, dict]] = []
+        if reward_specs is None:
+            slots, self.notices = default_reward_specs(model_kind)
+            for alternatives in slots:
+                for spec in alternatives:
+                    try:
+                        self._load(spec, device)
+                        break
+                    except Exception as e:  # a default that does not build here is left out, and the page says so
+                        self.notices.append(f"Default reward `{spec.split(':')[0]}` did not load ({type(e).__name__}: {e}).")
+        else:
+            for spec in reward_specs:
+                if spec.strip().lower() != "none":
+                    self._load(spec, device)  # a reward the user named must build: errors propagate
+            if not self.rewards:
+                self.notices.append("No reward models are shown (`--rewards none`).")
+        if any(kwargs.get("random_init") for _, _, kwargs in self._specs):
+            from diffalign.rewards import TINY_CLIP
 
-            kwargs.setdefault("device", device)
-            try:
-                model = rewards.load(name, **kwargs)  # KeyError / ValueError name the problem
-            except Exception as e:
-                if not defaults:
-                    raise
-                # A default that does not build here is left out, and the page says so.
-                self.notices.append(f"Default reward `{name}` did not load ({type(e).__name__}: {e}); it is not shown.")
-                continue
-            self.rewards.append((_label(name, kwargs), model))
+            self.notices.append(RANDOM_CLIP_NOTICE.format(name=TINY_CLIP))
         self.lock = threading.Lock()
         self.geneval = geneval
         self.model_kind = model_kind
         self._detector = None
         self._toy_index = None
         self.geneval_unavailable = self._geneval_missing()
+
+    def _load(self, spec: str, device) -> None:
+        from diffalign import rewards
+
+        name, kwargs = parse_reward_spec(spec)
+        model = rewards.load(name, **{"device": device, **kwargs})  # KeyError / ValueError name the problem
+        self.rewards.append((_label(name, kwargs), model))
+        self._specs.append((name, spec, kwargs))
 
     @property
     def reward_names(self) -> list[str]:
