@@ -284,3 +284,61 @@ def test_two_processes_on_cpu(tmp_path):
         summary = json.load(f)
     assert summary["num_processes"] == 2 and summary["global_step"] == 2
     assert os.path.isfile(out / "pytorch_lora_weights.safetensors")
+
+
+# --- real data paths ---------------------------------------------------------------------------------
+def _pickapic_parquet(path, n=4, corrupt_row=None):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def png(colour, size=(40, 32)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    jpg_1 = [png((0, 0, 255)) for _ in range(n)]
+    if corrupt_row is not None:
+        jpg_1[corrupt_row] = jpg_1[corrupt_row][:40]  # truncated PNG
+    table = pa.table({
+        "caption": [f"a red square {i}" for i in range(n)],
+        "jpg_0": pa.array([png((255, 0, 0)) for _ in range(n)], pa.binary()),
+        "jpg_1": pa.array(jpg_1, pa.binary()),
+        "label_0": pa.array([1.0, 0.0] * (n // 2), pa.float64()),
+    })
+    pq.write_table(table, str(path))
+    return str(path)
+
+
+def test_trains_from_pickapic_parquet_and_from_the_latent_cache(tmp_path):
+    from diffalign.data import build_cache, load_preference_dataset
+    from diffalign.families import load_family
+
+    data = _pickapic_parquet(tmp_path / "pairs.parquet")
+    hf = str(tmp_path / "hf")
+    direct = tiny(tmp_path, "direct", dataset=data, resolution=32, max_train_steps=2, hf_cache_dir=hf)
+    assert PreferenceTrainer(direct).train()["global_step"] == 2
+
+    cache = tmp_path / "cache"
+    ds = load_preference_dataset(data, resolution=32, cache_dir=hf)
+    build_cache(ds, load_family("tiny:sdxl", seed=0), cache, batch_size=2, progress=False)
+    cfg = tiny(tmp_path, "cached", latent_cache=str(cache), resolution=32, max_train_steps=2, prompt_dropout=0.5)
+    trainer = PreferenceTrainer(cfg)
+    assert trainer.dataset.k == 2 and len(trainer.dataset) == 4
+    assert trainer.train()["global_step"] == 2
+    with pytest.raises(Exception, match="resolution"):
+        PreferenceTrainer(tiny(tmp_path, "wrongres", latent_cache=str(cache), resolution=64))
+
+
+def test_bad_rows_fail_or_are_skipped_and_counted(tmp_path):
+    from diffalign.data import DataError
+
+    data = _pickapic_parquet(tmp_path / "bad.parquet", n=6, corrupt_row=3)
+    with pytest.raises(DataError, match="row 3"):
+        PreferenceTrainer(tiny(tmp_path, "strict", dataset=data, resolution=32, max_train_steps=3, train_batch_size=1,
+                               hf_cache_dir=str(tmp_path / "hf"))).train()
+    summary = PreferenceTrainer(tiny(tmp_path, "skip", dataset=data, resolution=32, max_train_steps=3, train_batch_size=1,
+                                     skip_bad_rows=True, hf_cache_dir=str(tmp_path / "hf"))).train()
+    assert summary["skipped_rows"] == 1

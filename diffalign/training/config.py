@@ -46,6 +46,7 @@ class TrainConfig:
     dataset: str | None = None  # parquet folder/file, saved HF dataset, hub id, or synthetic:pairs / synthetic:ranked
     dataset_schema: str = "auto"  # auto / pairwise / ranked
     dataset_split: str = "train"
+    hf_cache_dir: str | None = None  # where `datasets` caches parquet / hub data (None = its default)
     latent_cache: str | None = None  # folder written by `diffalign cache`: the loop then runs only the denoiser
     resolution: int = 1024
     crop: str = "center"  # center / random

@@ -181,13 +181,14 @@ class PreferenceTrainer:
                 "objective='ppd' needs a ConditioningHook (policy forward under user conditioning, reference with user "
                 "attention off) from diffalign.personalization; pass PreferenceTrainer(..., conditioning=hook)"
             )
-        self._setup_models()
-
-        # --- data --------------------------------------------------------------------------
+        # --- data (before the models are cast: a cache checks the encoders' fingerprint) ------
         self.dataset = train_dataset if train_dataset is not None else self._build_dataset()
+        self._setup_models()
         self.null_text = None
         if cfg.prompt_dropout > 0:
-            self.null_text = {k: v.to(self.device) for k, v in adapter.encode_prompts([""]).items()}
+            empty = getattr(self.dataset, "empty_text", None) if cfg.latent_cache else None
+            empty = empty if empty is not None else adapter.encode_prompts([""])
+            self.null_text = {k: v.to(self.device) for k, v in empty.items()}
 
         # --- optimiser ---------------------------------------------------------------------
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
@@ -271,7 +272,7 @@ class PreferenceTrainer:
         if cfg.latent_cache:
             from diffalign.data import CachedDataset
 
-            return CachedDataset(cfg.latent_cache)
+            return CachedDataset(cfg.latent_cache, adapter=self.adapter, resolution=cfg.resolution)
         if not cfg.dataset:
             raise ValueError("no training data: set dataset=<parquet folder | HF dataset | hub id | synthetic:pairs> or latent_cache=<dir>")
         if cfg.dataset.startswith("synthetic:"):
@@ -281,7 +282,7 @@ class PreferenceTrainer:
         from diffalign.data import load_preference_dataset
 
         ds = load_preference_dataset(
-            cfg.dataset, cfg.dataset_schema, split=cfg.dataset_split, resolution=cfg.resolution, crop=cfg.crop,
+            cfg.dataset, cfg.dataset_schema, split=cfg.dataset_split, cache_dir=cfg.hf_cache_dir, resolution=cfg.resolution, crop=cfg.crop,
             random_flip=cfg.random_flip, seed=cfg.seed, skip_bad_rows=cfg.skip_bad_rows, keep_ties=cfg.keep_ties, max_k=cfg.max_k,
         )
         if cfg.max_train_samples is not None and cfg.max_train_samples < len(ds):
