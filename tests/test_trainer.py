@@ -342,3 +342,27 @@ def test_bad_rows_fail_or_are_skipped_and_counted(tmp_path):
     summary = PreferenceTrainer(tiny(tmp_path, "skip", dataset=data, resolution=32, max_train_steps=3, train_batch_size=1,
                                      skip_bad_rows=True, hf_cache_dir=str(tmp_path / "hf"))).train()
     assert summary["skipped_rows"] == 1
+
+
+def test_options_bf16_ema_adafactor_accumulation_and_resume(tmp_path):
+    """bf16 autocast (CPU), EMA, Adafactor, gradient accumulation, checkpointing and a cosine schedule
+    together; a resume from the mid-run checkpoint (EMA state included) replays the same losses."""
+    kw = dict(mixed_precision="bf16", use_ema=True, ema_decay=0.9, optimizer="adafactor", gradient_accumulation_steps=2,
+              gradient_checkpointing=True, lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=4, checkpointing_steps=2,
+              train_batch_size=1)
+    first = PreferenceTrainer(tiny(tmp_path, "opts", **kw))
+    assert first.reference is None and next(first.unwrapped.parameters()).dtype == torch.bfloat16  # LoRA base in bf16
+    assert all(p.dtype == torch.float32 for p in first.trainable)
+    first.train()
+    full = read_losses(tmp_path / "opts")
+    assert len(full) == 4 and all(math.isfinite(v) for v in full.values())
+    assert os.path.isfile(tmp_path / "opts" / "checkpoint-2" / "ema_state.safetensors")
+    import shutil
+
+    shutil.rmtree(tmp_path / "opts" / "checkpoint-4")
+    os.remove(tmp_path / "opts" / "losses.jsonl")
+    again = PreferenceTrainer(tiny(tmp_path, "opts", resume_from_checkpoint="latest", **kw)).train()
+    assert again["resumed_from_step"] == 2
+    replay = read_losses(tmp_path / "opts")
+    for step in (3, 4):
+        assert replay[step] == pytest.approx(full[step], abs=1e-5)

@@ -120,6 +120,16 @@ def adapters_disabled(model):
         model.enable_adapters()
 
 
+def _allow_new_mixed_precision(mixed_precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process; a second trainer in the same process (tests,
+    benchmarks, notebooks) with another mixed precision would be refused. Reset only that state, never
+    the distributed one (PartialState)."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def _dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
@@ -141,6 +151,7 @@ class PreferenceTrainer:
         self.config = cfg = config
         os.makedirs(cfg.output_dir, exist_ok=True)
         log_with = None if cfg.report_to in ("none", "", None) else cfg.report_to
+        _allow_new_mixed_precision(cfg.mixed_precision)
         self.accelerator = Accelerator(
             # Accumulation is done here (manual no_sync), so accelerate must not rescale the loss.
             gradient_accumulation_steps=1,
