@@ -1,3 +1,5 @@
+import functools
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -6,16 +8,17 @@ from diffalign.toyworld import scenes as S
 from diffalign.toyworld.detector import ToyWorldDetector, score_images, summarize
 
 
+@functools.lru_cache(maxsize=1)
 def _rendered_eval_set(seed=0):
     rng = np.random.default_rng(seed)
     rows = S.load_eval_set()
-    return [S.render(S.sample_scene(r, rng)) for r in rows], rows
+    return tuple(S.render(S.sample_scene(r, rng)) for r in rows), rows
 
 
 def test_oracle_accuracy_on_rendered_scenes():
     # The oracle ceiling: rendered ground truth scored with the official GenEval rules.
     images, rows = _rendered_eval_set()
-    summary = summarize(rows, score_images(images, rows))
+    summary = summarize(rows, score_images(list(images), rows))
     for task in S.TASKS:
         assert summary[task] >= 0.99, (task, summary)
     assert summary["overall"] >= 0.99
@@ -24,8 +27,8 @@ def test_oracle_accuracy_on_rendered_scenes():
 def test_wrong_prompts_are_rejected():
     # The same images judged against mismatched rows must mostly fail, or the oracle test means nothing.
     images, rows = _rendered_eval_set()
-    shifted = rows[1:] + rows[:1]
-    summary = summarize(shifted, score_images(images, shifted))
+    shifted = (rows[1:] + rows[:1])[::3]
+    summary = summarize(shifted, score_images(list(images)[::3], shifted))
     assert summary["overall"] < 0.5, summary
 
 
