@@ -376,6 +376,9 @@ def test_reward_specs_and_toy_prompt_parsing():
         parse_reward_spec("clip_score:oops")
     scorer = Scorer([], device="cpu", model_kind="tiny")
     assert scorer.rewards == [] and "No reward models" in scorer.notices[0]
+    assert Scorer(["toy_geneval"], device="cpu").reward_names == ["toy_geneval"]  # toy rewards resolve when named
+    with pytest.raises(KeyError, match="unknown reward 'nope'"):
+        Scorer(["nope"], device="cpu")
     row = scorer.toy_metadata("A photo of a red circle and a blue square.")
     assert row["tag"] == "color_attr"
     assert scorer.toy_metadata("a photo of a dog") is None

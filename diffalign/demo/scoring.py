@@ -102,6 +102,7 @@ class Scorer:
                     except Exception as e:  # a default that does not build here is left out, and the page says so
                         self.notices.append(f"Default reward `{spec.split(':')[0]}` did not load ({type(e).__name__}: {e}).")
         else:
+            _register_toy_rewards()  # so `--rewards toy_geneval` / `toy_clip` resolve too
             for spec in reward_specs:
                 if spec.strip().lower() != "none":
                     self._load(spec, device)  # a reward the user named must build: errors propagate
