@@ -366,3 +366,14 @@ def test_options_bf16_ema_adafactor_accumulation_and_resume(tmp_path):
     replay = read_losses(tmp_path / "opts")
     for step in (3, 4):
         assert replay[step] == pytest.approx(full[step], abs=1e-5)
+
+
+def test_diffalign_train_cli(tmp_path, capsys):
+    from diffalign.cli import main
+
+    tiny_cfg = os.path.join(REPO, "train", "configs", "tiny_sd3_rankdpo.yaml")
+    assert main(["train", "--config", tiny_cfg, "--print-config", "beta=10", f"output_dir={tmp_path}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["beta"] == 10.0 and printed["objective"] == "rankdpo" and printed["output_dir"] == str(tmp_path)
+    with pytest.raises(ValueError, match="Valid keys"):
+        main(["train", "--config", tiny_cfg, "betta=10"])
