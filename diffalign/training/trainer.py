@@ -97,6 +97,9 @@ class KeyedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
+        # Random crops / flips of the data room's datasets depend on (seed, epoch, row): keep them in step.
+        if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != epoch:
+            self.dataset.set_epoch(epoch)
         item = dict(self.dataset[index])
         item["group_key"] = (int(epoch), int(index))
         return item
