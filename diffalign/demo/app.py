@@ -131,7 +131,8 @@ class DemoState:
                 prompt, seed, steps, size, guidance, lora=lora_file,
                 on_step=lambda s: progress((steps + s, total), desc="aligned model", unit="steps"),
             )
-            aligned_md, aligned_info = self.card(f"aligned · {os.path.basename(lora_file)}", aligned, prompt)
+            name = os.path.join(os.path.basename(os.path.dirname(lora_file)), os.path.basename(lora_file))
+            aligned_md, aligned_info = self.card(f"aligned · {name}", aligned, prompt)
         details = {
             "prompt": prompt, "seed": seed, "steps": steps, "size": size, "guidance": guidance,
             "base_model": self.models.source.spec, "lora": lora_file,

@@ -43,7 +43,9 @@ class ModelSource:
 
     @property
     def label(self) -> str:
-        return self.spec if self.kind != "toy" else f"{self.spec} ({self.location})"
+        if self.kind != "toy":
+            return self.spec
+        return f"{self.spec} ({os.path.basename(self.location)})"
 
 
 def toy_checkpoint_path(family: str) -> str | None:
