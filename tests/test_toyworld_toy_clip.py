@@ -18,7 +18,7 @@ def test_perturb_changes_the_prompt_within_the_task():
 def test_clip_loss_trains_and_reward_scores():
     model, tok = T.build_model(seed=0)
     items = [T._example(0, i, 2) for i in range(4)]
-    loss = T.clip_loss(model, tok, [x[0] for x in items], [x[1] for x in items], [x[2] for x in items])
+    loss = T.clip_loss(model, tok, *[[x[k] for x in items] for k in range(4)])
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert model.visual.conv1.weight.grad.abs().sum() > 0

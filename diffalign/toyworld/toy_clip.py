@@ -1,10 +1,12 @@
 """`toy_clip`: a tiny open_clip model trained contrastively on toy scenes, registered as a reward.
 
 Recipe: `python -m diffalign.toyworld.toy_clip --steps 3000`. Each step renders a batch of scenes with their
-captions (the GenEval-phrased prompt or a full description) and, per image, `hard_negatives` near-miss
-captions (another shape, another colour, swapped colours, the opposite relation, another count). The loss
-is CLIP's symmetric InfoNCE, with the near misses added to the image->text side, so the model must read
-colours, counts and relations, not just shapes. Resumable from `<state_dir>/state.pt`.
+captions (the GenEval-phrased prompt or a full description), per scene `hard_negatives` near-miss captions
+(another shape, another colour, swapped colours, the opposite relation, another count) and one near-miss
+image (a scene rendered for a near miss of its prompt). The loss is CLIP's symmetric InfoNCE with the near-miss
+captions added to the image->text side and the near-miss images to the text->image side: a reward compares
+images for one prompt, so the text->image direction is the one that must read colours, counts and relations.
+Resumable from `<state_dir>/state.pt`.
 
 `agreement(...)` measures what the issue asks for: on pairs of images for one prompt where the exact
 GenEval checker says one is right and the other wrong (decisive pairs), how often toy_clip prefers the
@@ -130,7 +132,7 @@ class ToyClipConfig:
     state_dir: str = os.path.join("runs", "toy-clip")
     seed: int = 0
     steps: int = 3000
-    batch_size: int = 64
+    batch_size: int = 48
     hard_negatives: int = 3
     lr: float = 2e-3
     warmup_steps: int = 100
@@ -142,26 +144,28 @@ class ToyClipConfig:
 
 
 def _example(seed: int, i: int, hard: int):
+    """(image, caption, near-miss captions, near-miss image), a pure function of (seed, i)."""
     rng = np.random.default_rng([seed, i])
     row = scenes.sample_row(rng)
     scene = scenes.sample_scene(row, rng)
     caption = scenes.training_caption(scene, rng, p_full=0.3)
-    # Near misses of the row's prompt; a full caption keeps the row's prompt among its negatives-free texts.
     negs = [perturb(row, rng)["prompt"] for _ in range(hard)]
-    return scenes.render(scene), caption, negs
+    near = scenes.render(scenes.sample_scene(perturb(row, rng), rng))
+    return scenes.render(scene), caption, negs, near
 
 
-def clip_loss(model, tokenizer, images, captions, negatives) -> torch.Tensor:
+def clip_loss(model, tokenizer, images, captions, negatives, near_images=None) -> torch.Tensor:
+    """Symmetric InfoNCE; near-miss captions join the image->text side, near-miss images the text->image side."""
     device = next(model.parameters()).device
-    img = model.encode_image(to_pixels(images).to(device), normalize=True)
+    b = len(images)
+    all_images = list(images) + list(near_images or [])
+    img = model.encode_image(to_pixels(all_images).to(device), normalize=True).float()
     texts = list(captions) + [n for ns in negatives for n in ns]
-    txt = model.encode_text(tokenizer(texts).to(device), normalize=True)
-    logits = model.logit_scale.exp() * img.float() @ txt.float().T  # (B, B + B*H)
-    b = img.shape[0]
-    # Image i's near misses sit at columns B + i*H ... ; other images' near misses are ordinary negatives.
+    txt = model.encode_text(tokenizer(texts).to(device), normalize=True).float()
+    scale = model.logit_scale.exp()
     target = torch.arange(b, device=device)
-    loss_i = F.cross_entropy(logits, target)
-    loss_t = F.cross_entropy(logits[:, :b].T, target)
+    loss_i = F.cross_entropy(scale * img[:b] @ txt.T, target)  # (B, B + B*H)
+    loss_t = F.cross_entropy(scale * txt[:b] @ img.T, target)  # (B, B or 2B)
     return (loss_i + loss_t) / 2
 
 
@@ -191,7 +195,7 @@ def train(cfg: ToyClipConfig) -> dict:
     model.train()
     while step < cfg.steps:
         items = [_example(cfg.seed, step * cfg.batch_size + j, cfg.hard_negatives) for j in range(cfg.batch_size)]
-        loss = clip_loss(model, tokenizer, [x[0] for x in items], [x[1] for x in items], [x[2] for x in items])
+        loss = clip_loss(model, tokenizer, *[[x[k] for x in items] for k in range(4)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
