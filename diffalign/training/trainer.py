@@ -460,13 +460,17 @@ class PreferenceTrainer:
                                     start=start_step * accum)
         loader = torch.utils.data.DataLoader(KeyedDataset(self.dataset), batch_sampler=sampler, collate_fn=collate_keyed,
                                              num_workers=cfg.dataloader_num_workers)
-        table: dict = {}
+        # One dense (n, k) float32 tensor per epoch touched: small even for millions of groups.
+        table: dict[int, torch.Tensor] = {}
         it = iter(loader)
         for m in tqdm(range(total), desc="reference", disable=not (acc.is_local_main_process and cfg.progress_bar)):
             batch = next(it)
             errors = self.reference_errors(batch, start_step * accum + m).float().cpu()
             for key, row in zip(batch["group_keys"], errors):
-                table[tuple(key)] = row
+                epoch, index = key
+                if epoch not in table:
+                    table[epoch] = torch.full((len(self.dataset), errors.shape[1]), float("nan"))
+                table[epoch][index] = row
         return table
 
     def optimizer_step(self, batches: list[dict], step: int, micro_step: int) -> dict[str, float]:
@@ -614,7 +618,7 @@ class PreferenceTrainer:
             batches = [next(data_iter) for _ in range(accum)]
             if ref_table is not None:
                 for batch in batches:
-                    batch["ref_errors"] = torch.stack([ref_table[key] for key in batch["group_keys"]])
+                    batch["ref_errors"] = torch.stack([ref_table[e][i] for e, i in batch["group_keys"]])
             sums = self.optimizer_step(batches, step, micro_step)
             micro_step += accum
             step += 1
