@@ -263,7 +263,7 @@ def run_interleaved(fns, rounds, warmup, device):
     times = [[] for _ in fns]
     for i in range(warmup + rounds):
         for j, fn in enumerate(fns):
-            t = timed(lambda: fn(i), device)
+            t = timed(lambda fn=fn, i=i: fn(i), device)
             if i >= warmup:
                 times[j].append(t)
     return times
@@ -278,7 +278,7 @@ def with_reference(ours, batch):
 def run_single(ours, batch, rounds, warmup, device):
     times = []
     for i in range(warmup + rounds):
-        t = timed(lambda: ours.optimizer_step([batch], i, i), device)
+        t = timed(lambda i=i: ours.optimizer_step([batch], i, i), device)
         if i >= warmup:
             times.append(t)
     return times
@@ -381,7 +381,7 @@ def full_suite(args, emit=lambda partial: None):
     med = statistics.median
     result["ratio_ours_cached_over_baseline"] = med(ot) / med(bt)
     result["ratio_ours_cached_precomputed_ref_over_baseline"] = med(rt) / med(bt)
-    del base, ours
+    base = ours = None  # free before the next mode
     free()
 
     def single(name, comps_fn, family, tuning, gc_, compile_, lat, flops=None):
@@ -393,7 +393,7 @@ def full_suite(args, emit=lambda partial: None):
         f = flops if flops is not None else count_flops(lambda: tr.optimizer_step([batch], 0, 0))
         m = mem_of(lambda: tr.optimizer_step([batch], 0, 0), device)
         rows.append(row(name, times, b, device, f, m, "flops from the eager run" if compile_ else ""))
-        del tr
+        tr = None  # noqa: F841 (free before the next mode)
         free()
         return f
 
