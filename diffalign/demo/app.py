@@ -21,6 +21,7 @@ from diffalign.demo.personalize import CHOICES, NUM_PAIRS, Personalizer  # noqa:
 from diffalign.demo.scoring import Scorer, format_card  # noqa: E402
 from diffalign.demo.validation import (  # noqa: E402
     DemoInputError,
+    check_float,
     check_guidance,
     check_prompt,
     check_seed,
@@ -32,6 +33,8 @@ from diffalign.demo.validation import (  # noqa: E402
 logger = logging.getLogger(__name__)
 
 # Tiny models make 64 px images: show them large, with crisp pixels.
+MAX_USER_SCALE = 3.0
+
 CSS = """
 .pixelated img { image-rendering: pixelated; width: 100% !important; height: 100% !important; object-fit: contain; }
 """
@@ -159,7 +162,7 @@ class DemoState:
         p = self._need_personalizer()
         prompt, seed, steps, size, guidance = self.settings(prompt, seed, steps, size, guidance)
         pair_seed = check_seed(pair_seed)
-        scale = float(user_scale)
+        scale = check_float("user scale", user_scale, 0.0, MAX_USER_SCALE)
         choices = [choice_1, choice_2, choice_3, choice_4]
         preferred, rejected = list(preferred or []), list(rejected or [])
         if len(preferred) != len(rejected):
@@ -195,8 +198,9 @@ class DemoState:
         if user_a is None or user_b is None:
             raise DemoInputError("save two users first (build a user, then 'Save as user A' / 'Save as user B')")
         prompt, seed, steps, size, guidance = self.settings(prompt, seed, steps, size, guidance)
-        emb = p.interpolate(user_a, user_b, float(alpha))
-        image = p.generate(prompt, emb, seed, steps, size, guidance, scale=float(user_scale),
+        emb = p.interpolate(user_a, user_b, check_float("alpha", alpha, 0.0, 1.0))
+        scale = check_float("user scale", user_scale, 0.0, MAX_USER_SCALE)
+        image = p.generate(prompt, emb, seed, steps, size, guidance, scale=scale,
                            on_step=lambda s: progress((s, steps), desc=f"alpha {float(alpha):.2f}", unit="steps"))
         md, _ = self.card(f"between A and B · alpha {float(alpha):.2f}", image, prompt)
         return image, md
@@ -304,7 +308,7 @@ def build_app(config: DemoConfig, state: DemoState | None = None) -> gr.Blocks:
                 with gr.Row():
                     preferred = gr.File(file_count="multiple", file_types=["image"], label="preferred images")
                     rejected = gr.File(file_count="multiple", file_types=["image"], label="rejected images")
-            user_scale = gr.Slider(0, 3, value=1.0, step=0.1, label="user scale")
+            user_scale = gr.Slider(0, MAX_USER_SCALE, value=1.0, step=0.1, label="user scale")
             build = gr.Button("Generate for me", variant="primary", elem_id="personalize")
             with gr.Row():
                 with gr.Column():

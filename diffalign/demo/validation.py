@@ -57,14 +57,18 @@ def check_seed(seed) -> int:
     return seed
 
 
-def check_guidance(guidance, max_guidance: float) -> float:
+def check_float(name: str, value, low: float, high: float) -> float:
     try:
-        g = float(guidance)
+        v = float(value)
     except (TypeError, ValueError):
-        raise DemoInputError(f"guidance must be a number, got {guidance!r}.") from None
-    if not (math.isfinite(g) and 0.0 <= g <= max_guidance):
-        raise DemoInputError(f"guidance={guidance} is outside the allowed range 0..{max_guidance}.")
-    return g
+        raise DemoInputError(f"{name} must be a number, got {value!r}.") from None
+    if not (math.isfinite(v) and low <= v <= high):
+        raise DemoInputError(f"{name}={value} is outside the allowed range {low}..{high}.")
+    return v
+
+
+def check_guidance(guidance, max_guidance: float) -> float:
+    return check_float("guidance", guidance, 0.0, max_guidance)
 
 
 def upload_path(upload) -> str:
