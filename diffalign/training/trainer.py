@@ -229,6 +229,13 @@ class PreferenceTrainer:
 
             self.ema = EMAModel(params, decay=cfg.ema_decay)
             self.ema.to(self.device)
+        from accelerate.utils import DistributedType
+
+        if cfg.tuning == "lora" and acc.distributed_type == DistributedType.FSDP:
+            raise ValueError(
+                "LoRA with FSDP is not supported (the reference pass toggles adapters on the unsharded module); "
+                "use train/accelerate_configs/multi_gpu.yaml (DDP) for LoRA, FSDP for tuning=full"
+            )
         self.denoiser, self.optimizer, self.lr_scheduler = acc.prepare(self.denoiser, self.optimizer, lr_scheduler)
         if cfg.tuning == "lora":
             acc.register_save_state_pre_hook(self._save_lora_hook)
@@ -498,7 +505,8 @@ class PreferenceTrainer:
                 sums[name] = sums.get(name, 0.0) + value / n
         if self.config.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
-            sums["grad_norm"] = float(grad_norm)
+            if grad_norm is not None:  # DeepSpeed clips inside its engine and returns None
+                sums["grad_norm"] = float(grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -572,19 +580,30 @@ class PreferenceTrainer:
         return path
 
     def save_final(self) -> None:
+        from accelerate.utils import DistributedType
+
         cfg, acc = self.config, self.accelerator
         acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        model = self.unwrapped
-        if self.ema is not None:
+        if self.ema is not None:  # on every process: sharded models gather the EMA weights below
             self.ema.copy_to(self.trainable)
+        model = self.unwrapped
         if cfg.tuning == "lora":
-            from peft.utils import get_peft_model_state_dict
+            if acc.is_main_process:
+                from peft.utils import get_peft_model_state_dict
 
-            self.adapter.save_lora(cfg.output_dir, get_peft_model_state_dict(model))
-        else:
+                self.adapter.save_lora(cfg.output_dir, get_peft_model_state_dict(model))
+        elif acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            state = acc.get_state_dict(self.denoiser)  # a collective: gathers the shards on the main process
+            if acc.is_main_process:
+                from safetensors.torch import save_file
+
+                out = os.path.join(cfg.output_dir, self.adapter.denoiser_attr)
+                os.makedirs(out, exist_ok=True)
+                model.save_config(out)
+                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "diffusion_pytorch_model.safetensors"))
+        elif acc.is_main_process:
             model.save_pretrained(os.path.join(cfg.output_dir, self.adapter.denoiser_attr), safe_serialization=True)
+        acc.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict:
