@@ -184,6 +184,29 @@ def test_precomputed_reference_gives_the_same_losses(tmp_path):
         assert pre[step] == pytest.approx(live[step], abs=1e-6)
 
 
+def test_saved_reference_errors_are_reused_by_a_sweep(tmp_path):
+    ref_dir = str(tmp_path / "ref_errors")
+    kw = dict(pretrained_model_name_or_path="tiny:sd3", dataset="synthetic:pairs:6", resolution=32, max_train_steps=3,
+              precompute_reference=True, reference_errors_path=ref_dir)
+    first = PreferenceTrainer(tiny(tmp_path, "b100", beta=100.0, **kw))
+    first.train()
+    assert first.reference_passes == 3 and os.path.isfile(os.path.join(ref_dir, "fingerprint.json"))
+    second = PreferenceTrainer(tiny(tmp_path, "b500", beta=500.0, **kw))  # a beta sweep: same reference errors
+    second.train()
+    assert second.reference_passes == 0
+    live = PreferenceTrainer(tiny(tmp_path, "live", beta=500.0, **{k: v for k, v in kw.items() if k not in
+                                                                  ("precompute_reference", "reference_errors_path")}))
+    live.train()
+    got, want = read_losses(tmp_path / "b500"), read_losses(tmp_path / "live")
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6)
+    longer = PreferenceTrainer(tiny(tmp_path, "longer", beta=500.0, **{**kw, "max_train_steps": 5}))
+    longer.train()
+    assert longer.reference_passes == 2  # only the new steps
+    with pytest.raises(ValueError, match=r"differs in \['prompt_dropout'\]"):
+        PreferenceTrainer(tiny(tmp_path, "other", prompt_dropout=0.2, **kw)).train()
+
+
 class NanAfter(SyntheticPreferenceDataset):
     """Groups turn NaN from the `bad_from`-th item read on (batch 1, no workers: step = item)."""
 

@@ -61,6 +61,9 @@ class TrainConfig:
     # (as TRL's precompute_ref_log_probs): the training step then runs only the policy. Exact:
     # noise, timestep and dropout of a group depend only on (seed, epoch, group index).
     precompute_reference: bool = False
+    # Folder to keep the precomputed reference errors in: later runs with the same model, data, seed and
+    # noising options (e.g. a beta or learning-rate sweep) reuse them instead of recomputing.
+    reference_errors_path: str | None = None
 
     # --- tuning ----------------------------------------------------------------------------
     tuning: str = "lora"  # lora / full
@@ -136,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.checkpointing_steps < 0 or self.validation_steps < 0:
             raise ValueError("checkpointing_steps and validation_steps must be >= 0 (0 turns them off)")
+        if self.reference_errors_path and not self.precompute_reference:
+            raise ValueError("reference_errors_path needs precompute_reference=true")
         if self.objective != "dpo" and self.loss_type != "sigmoid":
             raise ValueError(f"loss_type={self.loss_type!r} applies to objective='dpo' only; use objective='{self.loss_type}'")
 
