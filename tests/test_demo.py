@@ -226,7 +226,9 @@ def test_bad_uploads_are_visible_errors(server, tmp_path):
     assert pixels(compare(client, server=server)[0]).shape == (SIZE, SIZE, 3)
 
 
-def test_load_20_concurrent_compare_requests_all_complete(server):
+def test_load_20_concurrent_compare_requests_all_complete(toy_server):
+    """On the toy model (the shipped checkpoint; the tiny one if it is absent), base + aligned per request."""
+    server = toy_server
     client = server["client"]
     jobs = [client.submit(PROMPT, seed, STEPS, SIZE, 5.0, server["lora"], api_name="/compare") for seed in range(20)]
     results = [job.result(timeout=300) for job in jobs]
@@ -261,9 +263,9 @@ def test_benchmark_tab_reads_results_folders(server):
 
 
 @pytest.fixture(scope="module")
-def screenshot_server(server, tmp_path_factory):
-    """The README screenshot's app: the shipped toy-sdxl next to a LoRA from a 3-step DPO smoke run of the
-    project trainer (synthetic colour pairs). Without the toy checkpoint: the tiny server."""
+def toy_server(server, tmp_path_factory):
+    """The shipped toy-sdxl next to a LoRA from a 3-step DPO smoke run of the project trainer (synthetic
+    colour pairs): the load test and the README screenshot. Without the toy checkpoint: the tiny server."""
     from diffalign.demo.app import build_app, launch
 
     toy = demo_models.toy_checkpoint_path("sdxl")
@@ -281,12 +283,13 @@ def screenshot_server(server, tmp_path_factory):
     config = DemoConfig(base="toy", lora=out, port=free_port(), max_steps=20, default_steps=12, default_size=SIZE)
     demo = build_app(config)
     launch(demo, config, prevent_thread_lock=True, quiet=True)
-    yield {"url": f"http://127.0.0.1:{config.port}/", "demo": demo}
+    url = f"http://127.0.0.1:{config.port}/"
+    yield {"url": url, "demo": demo, "lora": out, "client": Client(url, verbose=False)}
     demo.close()
 
 
-def test_browser_clicks_generate_and_sees_two_images(screenshot_server, tmp_path):
-    server = screenshot_server
+def test_browser_clicks_generate_and_sees_two_images(toy_server, tmp_path):
+    server = toy_server
     if not os.path.exists("/usr/bin/chromium"):
         pytest.skip("Debian chromium is not installed (.ci/run installs it)")
     sync_api = pytest.importorskip("playwright.sync_api")
