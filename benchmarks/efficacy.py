@@ -76,7 +76,7 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
         if not todo:
             continue
         t = time.perf_counter()
-        synth = Q.run_toy_synpic(scfg, base_dir, os.path.join(work, f"data-seed{seed}"))
+        synth = Q.run_toy_synpic(scfg, base_dir, work)
         data = Q.synpic_summary(synth["synpic"])
         data["train_prompts_in_eval_set"] = float(np.mean([r["prompt"] in {e["prompt"] for e in scenes.load_eval_set()}
                                                            for r in synth["prompts"]]))

@@ -1,6 +1,6 @@
 """`diffalign quickstart` end to end on a throwaway toy checkpoint (a few pretrain steps), tiny budgets.
 
-Real pipeline: pretrain recipe -> toy Syn-Pic (diffalign synth, toy_geneval reward) -> PreferenceTrainer
+Real pipeline: pretrain recipe -> toy Syn-Pic (diffalign synth, toy_geneval_graded reward) -> PreferenceTrainer
 (RankDPO LoRA + random-label control) -> toy-GenEval with shared seeds -> JSON, grid, curves.
 """
 
@@ -14,7 +14,7 @@ import torch
 from diffalign.toyworld import pretrain as P
 from diffalign.toyworld import quickstart as Q
 from diffalign.toyworld import scenes
-from diffalign.toyworld.toy_rewards import ToyGenEvalReward, metadata_for_prompt, sub_questions
+from diffalign.toyworld.toy_rewards import GradedToyGenEvalReward, metadata_for_prompt, sub_questions
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +54,12 @@ def test_quickstart_end_to_end(toy_run, tmp_path):
     assert d == pytest.approx(res["aligned"]["overall"] - res["control"]["overall"])
 
     # The data: k=2 lists scored by the exact checker, with DPO pairs exported from the same lists.
-    assert res["data"]["k"] == 2 and "toy_geneval" in res["data"]["rewards"]
+    assert res["data"]["k"] == 2 and "toy_geneval_graded" in res["data"]["rewards"]
     assert res["data"]["summary"]["lists"] == 6
     from diffalign.synth import read_synpic
 
     table = read_synpic(res["data"]["synpic"]).to_pylist()
-    assert all(len(r["images"]) == 2 and r["reward_names"][0] == "toy_geneval" for r in table)
+    assert all(len(r["images"]) == 2 and r["reward_names"][0] == "toy_geneval_graded" for r in table)
     for r in table:  # stored scores are the exact checker's graded scores of the stored images
         meta = metadata_for_prompt(r["prompt"])
         assert meta["prompt"] == r["prompt"] and all(0.0 <= s <= 1.0 for s in r["scores"][0])
@@ -115,7 +115,7 @@ def test_base_resolution_and_state_export(toy_run, tmp_path):
 
 
 def test_toy_geneval_reward_is_exact_and_graded():
-    reward = ToyGenEvalReward()
+    reward = GradedToyGenEvalReward()
     rows = [r for t in scenes.TASKS for r in scenes.load_eval_set(t)[:3]]
     images = [scenes.render(scenes.sample_scene(r, np.random.default_rng(i))) for i, r in enumerate(rows)]
     right = reward.score(images, [r["prompt"] for r in rows])

@@ -5,7 +5,8 @@
 1. **Toy Syn-Pic.** Training prompts are drawn from the toy grammar (uniform over the six GenEval tasks).
    k generators (the toy checkpoint at different guidance scales and noise seeds, plus any extra
    checkpoints given with --generator) each draw an image per prompt; n rewards score them: the exact
-   checker `toy_geneval` (the VQA-like reward) and `toy_clip` when the toy world registers it. Win
+   checker `toy_geneval_graded` (the VQA-like reward: verdict plus partial credit per clause) and `toy_clip`
+   when the toy world registers it. Win
    counts rank each list (`diffalign synth`, unchanged).
 2. **Preference fine-tuning** of the toy model with the project trainer (`PreferenceTrainer`): RankDPO on
    the lists, DPO on the pairs of the same lists, or SFT on the best of each list; LoRA by default.
@@ -32,10 +33,13 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+logger = logging.getLogger("diffalign.quickstart")
 
 METHODS = ("rankdpo", "dpo", "sft", "ppd")
 FAMILIES = ("sdxl", "sd3")
@@ -56,7 +60,7 @@ class QuickstartConfig:
     num_prompts: int = 128
     guidances: tuple[float, ...] = (2.0, 3.5, 5.0, 7.0)  # one generator per guidance scale (k = len)
     generators: list[str] = field(default_factory=list)  # extra generator specs (e.g. another training stage)
-    rewards: list[str] | None = None  # None = toy_geneval (+ toy_clip when registered)
+    rewards: list[str] | None = None  # None = toy_geneval_graded (+ toy_clip when registered)
     synth_steps: int = 20
     pairwise_mode: str = "all_pairs"
     # 2. training
@@ -69,7 +73,7 @@ class QuickstartConfig:
     # 3. evaluation
     eval_per_task: int = 60
     num_inference_steps: int = 20
-    guidance_scale: float = 4.0
+    guidance_scale: float = 5.0  # the shipped toy-sdxl's recommended scale
     eval_batch_size: int = 60
     grid_per_task: int = 2
     # machinery
@@ -189,15 +193,19 @@ def default_rewards() -> list[str]:
     import importlib.util
 
     from diffalign import rewards
-    from diffalign.toyworld import toy_rewards  # noqa: F401  (registers toy_geneval)
+    from diffalign.toyworld import toy_rewards  # noqa: F401  (registers toy_geneval_graded)
 
-    # toy_clip is the toy world's own reward; it registers on import of its module when that exists.
+    # The toy world's own rewards (toy_geneval 0/1, tastes, toy_clip) register on import of their modules.
     for mod in ("diffalign.toyworld.rewards", "diffalign.toyworld.toy_clip"):
         if importlib.util.find_spec(mod) is not None:
             importlib.import_module(mod)
     names = [toy_rewards.TOY_GENEVAL]
     if "toy_clip" in rewards.available():
-        names.append("toy_clip")
+        try:  # registered, but its trained weights may not be there yet
+            rewards.load("toy_clip")
+            names.append("toy_clip")
+        except FileNotFoundError as e:
+            logger.warning("not using toy_clip: %s", e)
     return names
 
 
@@ -216,23 +224,28 @@ def generator_specs(cfg: QuickstartConfig, base_dir: str) -> list[str]:
     return specs
 
 
-def run_toy_synpic(cfg: QuickstartConfig, base_dir: str, out_dir: str) -> dict:
-    """Generate, score and rank; returns paths and stats. Resumes an interrupted run of the same settings."""
+def run_toy_synpic(cfg: QuickstartConfig, base_dir: str, root: str) -> dict:
+    """Generate, score and rank; returns paths and stats. The data go to `root/data-seed<S>-<digest of the
+    settings>`, so a rerun with the same settings resumes (or reuses) them and other settings get a new folder."""
     from diffalign.synth import SynthConfig, run_synth
 
+    rewards = list(cfg.rewards) if cfg.rewards else default_rewards()
+    if cfg.rewards:
+        default_rewards()  # register the toy rewards
+    specs = generator_specs(cfg, base_dir)
+    key = json.dumps([checkpoint_digest(base_dir), [sp.replace(base_dir, "BASE") for sp in specs], rewards, cfg.num_prompts,
+                      cfg.seed, cfg.pairwise_mode])
+    out_dir = os.path.join(root, f"data-seed{cfg.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     os.makedirs(out_dir, exist_ok=True)
     rows = training_prompts(cfg.num_prompts, cfg.seed)
     prompts_path = os.path.join(out_dir, "prompts.jsonl")
     with open(prompts_path, "w", encoding="utf-8") as f:
         for i, row in enumerate(rows):
             f.write(json.dumps({"prompt": row["prompt"], "prompt_id": f"{cfg.seed}-{i:05d}", "tag": row["tag"]}) + "\n")
-    rewards = cfg.rewards or default_rewards()
-    if cfg.rewards:
-        default_rewards()  # make sure the toy rewards are registered
     synpic = os.path.join(out_dir, "synpic")
     pairs = os.path.join(out_dir, "pairs")
     scfg = SynthConfig(
-        prompts=prompts_path, prompt_id_field="prompt_id", generators=generator_specs(cfg, base_dir), rewards=rewards,
+        prompts=prompts_path, prompt_id_field="prompt_id", generators=specs, rewards=rewards,
         output_dir=synpic, chunk_size=max(64, cfg.num_prompts), reward_batch_size=64, pairwise_dir=pairs,
         pairwise_mode=cfg.pairwise_mode, progress=cfg.progress,
     )
@@ -250,8 +263,8 @@ def synpic_summary(synpic_dir: str) -> dict:
     gens = rows[0]["generator_ids"]
     names = rows[0]["reward_names"]
     out = {"lists": len(rows), "all_tied": int(sum(len(set(r["phi"])) == 1 for r in rows))}
-    if "toy_geneval" in names:
-        r = names.index("toy_geneval")
+    if "toy_geneval_graded" in names:
+        r = names.index("toy_geneval_graded")
         s = np.array([row["scores"][r] for row in rows])  # (P, k) graded scores; 1.0 = correct
         out["correct_rate_per_generator"] = {g: float((s[:, j] >= 1.0).mean()) for j, g in enumerate(gens)}
         out["best_of_k_correct_rate"] = float((s.max(1) >= 1.0).mean())
@@ -562,7 +575,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         del pipe
 
     with clock("synth"):
-        synth = run_toy_synpic(cfg, base_dir, os.path.join(out, f"data-seed{cfg.seed}"))
+        synth = run_toy_synpic(cfg, base_dir, out)
     data_info = synpic_summary(synth["synpic"])
     eval_prompts = {r["prompt"] for r in scenes.load_eval_set()}
     data_info["train_prompts_in_eval_set"] = float(np.mean([r["prompt"] in eval_prompts for r in synth["prompts"]]))
@@ -627,7 +640,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generator", action="append", dest="generators", default=[], metavar="SPEC",
                    help="an extra generator (diffalign synth spec), e.g. another training stage of the toy model")
     p.add_argument("--reward", action="append", dest="rewards", default=None, metavar="SPEC",
-                   help="reward specs (default: toy_geneval, plus toy_clip when registered)")
+                   help="reward specs (default: toy_geneval_graded, plus toy_clip when registered)")
     p.add_argument("--synth_steps", type=int, default=d.synth_steps)
     p.add_argument("--tuning", choices=["lora", "full"], default=d.tuning)
     p.add_argument("--lora_rank", type=int, default=d.lora_rank)

@@ -1,4 +1,5 @@
-"""The exact checker as a reward: `toy_geneval` scores a toy-world image against its prompt's GenEval metadata.
+"""The exact checker as a graded reward: `toy_geneval_graded` scores a toy-world image against its prompt's
+GenEval metadata (the toy world's `toy_geneval`, in `diffalign.toyworld.rewards`, is the 0/1 verdict alone).
 
 It plays the part a VQA reward (e.g. VQAScore: "does this image show <prompt>?") plays for real models,
 but answers exactly: the toy detector finds the objects, the official GenEval rules judge them.
@@ -27,7 +28,7 @@ import torch
 
 from diffalign.rewards.base import PreprocessConfig, RewardModel, register_reward
 
-TOY_GENEVAL = "toy_geneval"
+TOY_GENEVAL = "toy_geneval_graded"
 
 
 @lru_cache(maxsize=1)
@@ -97,7 +98,7 @@ def _to_pil(images) -> list:
     return out
 
 
-class ToyGenEvalReward(RewardModel):
+class GradedToyGenEvalReward(RewardModel):
     """Exact-checker reward for toy-world prompts (see the module docstring)."""
 
     name = TOY_GENEVAL
@@ -130,5 +131,5 @@ class ToyGenEvalReward(RewardModel):
 
 
 @register_reward(TOY_GENEVAL)
-def _toy_geneval(**kwargs) -> ToyGenEvalReward:
-    return ToyGenEvalReward(**kwargs)
+def _toy_geneval_graded(**kwargs) -> GradedToyGenEvalReward:
+    return GradedToyGenEvalReward(**kwargs)
