@@ -301,8 +301,8 @@ def build_app(config: DemoConfig, state: DemoState | None = None) -> gr.Blocks:
                     with gr.Column(min_width=200):
                         with gr.Row():
                             for side in CHOICES:
-                                pair_imgs.append(gr.Image(label=f"pair {i + 1} {side}", format="png", height=140,
-                                                          interactive=False, elem_classes="pixelated"))
+                                pair_imgs.append(gr.Image(label=f"{i + 1} {side}", format="png", height=140,
+                                                          interactive=False, elem_classes="pixelated", min_width=100))
                         radios.append(gr.Radio(list(CHOICES), label=f"pair {i + 1}: preferred", elem_id=f"choice_{i + 1}"))
             with gr.Accordion("Or upload examples (preferred and rejected, in the same order)", open=False):
                 with gr.Row():
