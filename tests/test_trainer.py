@@ -270,7 +270,8 @@ def test_killed_and_resumed_run_reproduces_losses(tmp_path):
 
     # The same run in a subprocess, SIGKILLed once it has passed checkpoint-2.
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(out, *common), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = open(tmp_path / "killed.log", "w+")  # a file, not a pipe: a full pipe buffer would block the child
+    proc = subprocess.Popen(_train_cmd(out, *common), env=ENV, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 120
     killed = False
     while time.time() < deadline and proc.poll() is None:
@@ -280,7 +281,9 @@ def test_killed_and_resumed_run_reproduces_losses(tmp_path):
             break
         time.sleep(0.02)
     proc.wait()
-    assert killed, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    log.seek(0)
+    assert killed, f"the run ended before it could be killed: {log.read()[-2000:]}"
+    log.close()
     assert ckpt.latest_checkpoint(str(out)) is not None
     partial = read_losses(out)
     assert max(partial) < 6
