@@ -46,7 +46,7 @@ def main(folder: str) -> None:
     if steps.exists():
         rows = [dict(zip(("step", "exit code", "seconds"), line.split())) for line in steps.read_text().splitlines() if line]
         sections.append(_table(rows))
-    for path in sorted(root.glob("*.json")):
+    for path in sorted(p for p in root.glob("*.json") if p.is_file()):
         try:
             sections.append(_render(path.stem, json.loads(path.read_text())))
         except json.JSONDecodeError as exc:

@@ -45,7 +45,7 @@ if [ ${#DRY[@]} -eq 0 ]; then
   # Kernel parity on CUDA (the CPU interpreter tests run in CI).
   step kernel_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
 fi
-step kernels 120 python3 benchmarks/kernels.py --out "$OUT/kernels.json" "${DRY[@]}"
+step kernels 120 python3 benchmarks/kernels.py --out "$OUT" "${DRY[@]}"
 step train_step 330 python3 benchmarks/train_step.py --full-size --out "$OUT/train_step.json" "${DRY[@]}"
 step profile 90 python3 benchmarks/profile_step.py --out "$OUT/profile.json" "${DRY[@]}"
 step synth 60 python3 benchmarks/synth_throughput.py --full-size --out "$OUT/synth.json" "${DRY[@]}"
