@@ -19,12 +19,18 @@ import torch
 from diffalign.personalization.attention import (
     add_user_attention,
     has_user_attention,
+    load_user_attention,
+    remove_user_attention,
     save_user_attention,
     user_attention_disabled,
     user_attention_parameters,
+    user_attention_state_dict,
     user_condition,
 )
 from diffalign.personalization.encoder import UserEmbeddingCache, UserEncoder, UserExample
+
+USER_ATTENTION_FILE = "user_attention.safetensors"
+ENCODER_HEAD_FILE = "user_encoder_head.safetensors"
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +115,24 @@ class PPDConditioning:
         return user_condition(model, embedding.repeat_interleave(k, dim=0), row_weight=keep.repeat_interleave(k))
 
     def reference_context(self, model, batch):
+        """The reference when it is the policy model itself (tuning lora / none): user attention off."""
         return user_attention_disabled(model)
+
+    def reference_copy(self, model):
+        """tuning=full: the trainer's frozen deep copy of the denoiser becomes the exact base (no user attention)."""
+        if has_user_attention(model):
+            remove_user_attention(model)
+        return model
+
+    def owned_state_keys(self, model) -> set[str]:
+        """The user-attention keys of the denoiser's state dict: saved by `save`, kept out of full-weights saves."""
+        return set(user_attention_state_dict(model)) if has_user_attention(model) else set()
+
+    def to(self, device):
+        """Move the encoder (frozen backbone + head) to the training device."""
+        self.encoder.to(device)
+        self._features.clear()  # cached on the old device
+        return self
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """User-attention weights (+ the encoder head), trainable and in float32 (the base may be bf16)."""
@@ -118,17 +141,33 @@ class PPDConditioning:
         params = user_attention_parameters(self.model)
         if self.train_encoder_head:
             params += self.encoder.head_parameters()
+        else:
+            self.encoder.head.requires_grad_(False)
         for p in params:
             p.data = p.data.float()
             p.requires_grad_(True)
         return params
 
     def save(self, output_dir: str) -> None:
+        """`user_attention.safetensors` + `user_encoder_head.safetensors`: what a personalized pipeline loads."""
         import os
 
         os.makedirs(output_dir, exist_ok=True)
-        save_user_attention(self.model, os.path.join(output_dir, "user_attention.safetensors"))
-        self.encoder.save_head(os.path.join(output_dir, "user_encoder_head.safetensors"))
+        save_user_attention(self.model, os.path.join(output_dir, USER_ATTENTION_FILE))
+        self.encoder.save_head(os.path.join(output_dir, ENCODER_HEAD_FILE))
+
+    def load(self, input_dir: str) -> None:
+        """Restore what `save` wrote (a checkpoint on resume), in place: the optimizer keeps the same tensors."""
+        import os
+
+        if self.model is None:
+            raise ValueError("call PPDConditioning.attach(denoiser) before loading its weights")
+        for name in (USER_ATTENTION_FILE, ENCODER_HEAD_FILE):
+            if not os.path.isfile(os.path.join(input_dir, name)):
+                raise FileNotFoundError(f"{input_dir} has no {name}; it was not written by a PPD run")
+        load_user_attention(self.model, os.path.join(input_dir, USER_ATTENTION_FILE))
+        self.encoder.load_head(os.path.join(input_dir, ENCODER_HEAD_FILE))
+        self.cache.clear_embeddings()
 
 
 # -------------------------------------------------------------------------------------------- user splits
@@ -229,6 +268,16 @@ def dataset_user_ids(dataset) -> list[str | None]:
     return [None if column[int(r)] is None else str(column[int(r)]) for r in dataset.rows]
 
 
+def dataset_labels(dataset) -> list[float] | None:
+    """label_0 of every item of a data-room `PairwiseDataset` (Arrow column, no decoding); None if unknown."""
+    from diffalign.data.sources import arrow_column
+
+    if "label_0" not in getattr(dataset, "columns", {}) or not hasattr(dataset, "rows"):
+        return None
+    column = arrow_column(dataset.hf, "label_0").to_pylist()
+    return [float(column[int(r)]) for r in dataset.rows]
+
+
 def contexts_from_dataset(dataset, split: UserSplit) -> dict[str, list[UserExample]]:
     """Context examples per user from a pairwise data set whose items carry pixel_values (2, 3, H, W),
     scores (2,) and prompt (the data room's item format): chosen is the higher-scored image."""
@@ -246,6 +295,23 @@ def contexts_from_dataset(dataset, split: UserSplit) -> dict[str, list[UserExamp
     return contexts
 
 
+class UserPairs(torch.utils.data.Subset):
+    """The training users' non-context pairs: a Subset that keeps the data room's per-epoch
+    augmentation (`set_epoch`) and skipped-row count of the data set it selects from."""
+
+    @property
+    def epoch(self):
+        return getattr(self.dataset, "epoch", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    @property
+    def skipped_rows(self) -> int:
+        return int(getattr(self.dataset, "skipped_rows", 0) or 0)
+
+
 def prepare_ppd(
     dataset,
     denoiser,
@@ -256,23 +322,74 @@ def prepare_ppd(
     test_fraction: float = 0.1,
     user_dropout: float = 0.0,
     seed: int = 0,
+    token_dim: int | None = None,
+    user_scale: float = 1.0,
+    train_encoder_head: bool = True,
 ):
     """Everything the trainer needs for `objective: ppd` from a pairwise data set with user ids.
 
-    Returns (train_dataset, hook, split): the training users' non-context pairs (a Subset), the
-    `PPDConditioning` hook with user attention installed on `denoiser`, and the `UserSplit` (its
-    `test_users` are for evaluation only).
+    Returns (train_dataset, hook, split): the training users' non-context pairs (`UserPairs`, a Subset),
+    the `PPDConditioning` hook with user attention installed on `denoiser`, and the `UserSplit` (its
+    `test_users` are for evaluation only). Ties are never context examples.
     """
     if hasattr(dataset, "hf") and hasattr(dataset, "rows"):
         user_ids = dataset_user_ids(dataset)  # the Arrow column: no image decoding
+        labels = dataset_labels(dataset)
     else:
-        user_ids = [dataset[i].get("user_id") for i in range(len(dataset))]
-    split = split_users(user_ids, num_context=num_context, min_pairs=min_pairs, test_fraction=test_fraction, seed=seed)
+        user_ids, labels = [], []
+        for i in range(len(dataset)):  # one item at a time: never holds the decoded images
+            item = dataset[i]
+            user_ids.append(item.get("user_id"))
+            labels.append(0.5 if float(item["scores"][0]) == float(item["scores"][1]) else 1.0)
+    split = split_users(user_ids, num_context=num_context, min_pairs=min_pairs, test_fraction=test_fraction, seed=seed, labels=labels)
     contexts = contexts_from_dataset(dataset, UserSplit(split.train_users, [], {u: split.context_rows[u] for u in split.train_users}, {}))
-    train = torch.utils.data.Subset(dataset, split.train_rows())
-    hook = PPDConditioning(encoder, contexts, user_dropout=user_dropout, seed=seed)
-    hook.attach(denoiser)
+    train = UserPairs(dataset, split.train_rows())
+    hook = PPDConditioning(encoder, contexts, user_dropout=user_dropout, seed=seed, train_encoder_head=train_encoder_head)
+    hook.attach(denoiser, token_dim=token_dim, scale=user_scale, seed=seed)
     return train, hook, split
+
+
+def user_encoder_from_config(cfg) -> UserEncoder:
+    """The user encoder a `TrainConfig` names (`ppd_encoder`, `ppd_encoder_model`, ...); its head is seeded by `cfg.seed`."""
+    from diffalign.personalization.encoder import create_user_encoder, tiny_clip_user_encoder
+
+    model = cfg.ppd_encoder_model
+    if not model:
+        raise ValueError(
+            "objective='ppd' needs ppd_encoder_model: an open_clip model name (e.g. ViT-H-14, with ppd_encoder_pretrained="
+            "laion2b_s32b_b79k) or 'tiny' for ppd_encoder=clip; a transformers VLM id or local path for ppd_encoder=vlm"
+        )
+    if cfg.ppd_encoder == "clip":
+        if model == "tiny":
+            return tiny_clip_user_encoder(dim=cfg.ppd_encoder_dim, num_tokens=cfg.ppd_num_tokens, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)
+        return create_user_encoder("clip", model, pretrained=cfg.ppd_encoder_pretrained, dim=cfg.ppd_encoder_dim,
+                                   num_tokens=cfg.ppd_num_tokens)
+    if cfg.ppd_encoder == "vlm":
+        if model == "tiny":
+            raise ValueError("ppd_encoder_model='tiny' exists for ppd_encoder=clip only")
+        torch.manual_seed(cfg.seed)
+        return create_user_encoder("vlm", model, layer=cfg.ppd_encoder_layer, dim=cfg.ppd_encoder_dim, num_tokens=cfg.ppd_num_tokens)
+    raise ValueError(f"unknown ppd_encoder {cfg.ppd_encoder!r}; use clip or vlm")
+
+
+def ppd_from_config(cfg, dataset, denoiser):
+    """`prepare_ppd` with every setting from a `TrainConfig` (the trainer's `objective: ppd` path).
+
+    Returns (train_dataset, hook, split). The data set must carry `user_id` and images (not a latent
+    cache: context examples are images the user encoder sees).
+    """
+    if getattr(cfg, "latent_cache", None):
+        raise ValueError(
+            "objective='ppd' from a config needs dataset= with images (context examples go through the user encoder); "
+            "latent_cache is not supported here. Build the hook yourself (prepare_ppd) to combine them."
+        )
+    encoder = user_encoder_from_config(cfg)
+    return prepare_ppd(
+        dataset, denoiser, encoder, num_context=cfg.ppd_num_context, min_pairs=cfg.ppd_min_pairs,
+        test_fraction=cfg.ppd_test_fraction, user_dropout=cfg.ppd_user_dropout, seed=cfg.seed, token_dim=cfg.ppd_token_dim,
+        user_scale=cfg.ppd_user_scale, train_encoder_head=cfg.ppd_train_encoder_head,
+    )
 
 
 # ---------------------------------------------------------------------------------------- synthetic users

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 OBJECTIVES = ("dpo", "rankdpo", "sft", "ipo", "hinge", "ppd")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-TUNING = ("lora", "full")
+TUNING = ("lora", "full", "none")  # none: base frozen, only a conditioning hook's weights train (PPD)
+PPD_ENCODERS = ("clip", "vlm")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 ATTENTION = ("sdpa", "xformers")
@@ -66,11 +67,29 @@ class TrainConfig:
     reference_errors_path: str | None = None
 
     # --- tuning ----------------------------------------------------------------------------
-    tuning: str = "lora"  # lora / full
+    tuning: str = "lora"  # lora / full / none (none: the base stays frozen; needs objective=ppd)
     lora_rank: int = 8
     lora_alpha: int | None = None  # None = lora_rank
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None  # None = the family's default
+
+    # --- PPD (objective: ppd; see docs/personalization.md) -------------------------------------
+    # The data set must carry user_id (Pick-a-Pic v2). Users with < ppd_min_pairs pairs are dropped
+    # (counted and logged); train/test users are disjoint; each user's ppd_num_context pairs are held
+    # apart as context examples for the user encoder and never trained on.
+    ppd_encoder: str = "clip"  # user-encoder back-end: clip (open_clip) / vlm (transformers vision-language model)
+    ppd_encoder_model: str | None = None  # clip: open_clip model name (ViT-H-14) or "tiny" (offline random); vlm: hub id or local path
+    ppd_encoder_pretrained: str | None = None  # clip: open_clip pretrained tag or checkpoint file (laion2b_s32b_b79k)
+    ppd_encoder_layer: int = -2  # vlm: hidden-state layer pooled into the example vector
+    ppd_encoder_dim: int = 768  # width of the user-embedding tokens (the encoder head's output)
+    ppd_num_tokens: int = 4  # user-embedding tokens
+    ppd_token_dim: int | None = None  # width of the projected user tokens in the denoiser (None = text-token width)
+    ppd_user_scale: float = 1.0  # scale of the user branch in every adapted attention layer
+    ppd_num_context: int = 4  # context pairs per user (the paper: 4)
+    ppd_min_pairs: int = 8  # users with fewer pairs are filtered out
+    ppd_test_fraction: float = 0.1  # share of users held out for evaluation (never trained on)
+    ppd_user_dropout: float = 0.0  # share of groups trained with the null user
+    ppd_train_encoder_head: bool = True  # train the encoder head with the user attention
 
     # --- optimisation ----------------------------------------------------------------------
     train_batch_size: int = 1  # groups (pairs or lists) per process per micro-step
@@ -141,6 +160,23 @@ class TrainConfig:
             raise ValueError("checkpointing_steps and validation_steps must be >= 0 (0 turns them off)")
         if self.reference_errors_path and not self.precompute_reference:
             raise ValueError("reference_errors_path needs precompute_reference=true")
+        choice("ppd_encoder", PPD_ENCODERS)
+        if self.tuning == "none" and self.objective != "ppd":
+            raise ValueError("tuning='none' trains only a conditioning hook's weights; it needs objective='ppd' (else use lora or full)")
+        if self.objective == "ppd":
+            if self.ppd_num_context < 1 or self.ppd_min_pairs <= self.ppd_num_context:
+                raise ValueError(
+                    f"ppd_num_context must be >= 1 and ppd_min_pairs > ppd_num_context (got {self.ppd_num_context}, "
+                    f"{self.ppd_min_pairs}): every kept user needs context pairs plus training pairs"
+                )
+            if not 0.0 <= self.ppd_test_fraction < 1.0:
+                raise ValueError(f"ppd_test_fraction must be in [0, 1), got {self.ppd_test_fraction}")
+            if not 0.0 <= self.ppd_user_dropout < 1.0:
+                raise ValueError(f"ppd_user_dropout must be in [0, 1), got {self.ppd_user_dropout}")
+            if self.ppd_encoder_dim < 1 or self.ppd_num_tokens < 1:
+                raise ValueError("ppd_encoder_dim and ppd_num_tokens must be >= 1")
+            if self.precompute_reference:
+                raise ValueError("precompute_reference does not apply to objective='ppd' (the reference pass is per user batch); turn it off")
         if self.objective != "dpo" and self.loss_type != "sigmoid":
             raise ValueError(f"loss_type={self.loss_type!r} applies to objective='dpo' only; use objective='{self.loss_type}'")
 

@@ -64,11 +64,27 @@ class SyntheticPreferenceDataset(torch.utils.data.Dataset):
         }
 
 
-def synthetic_from_spec(spec: str, resolution: int, seed: int) -> SyntheticPreferenceDataset:
-    """`synthetic:pairs[:N]` or `synthetic:ranked[:N[:k]]`."""
+def synthetic_users(num_users: int = 4, pairs_per_user: int = 8, resolution: int = 64, seed: int = 0):
+    """Pairs with `user_id` for PPD smoke runs: users u0, u1, ... judge the SAME colour pairs, even users
+    preferring the redder image (`toy_red`), odd users the bluer one (`toy_blue`)."""
+    from diffalign.personalization.toy import TwoUserPairs
+    from diffalign.personalization.training import SyntheticUser
+
+    if num_users < 1 or pairs_per_user < 1:
+        raise ValueError(f"synthetic:users needs >= 1 user and >= 1 pair per user, got {num_users}, {pairs_per_user}")
+    users = {f"u{i}": SyntheticUser(f"u{i}", {"toy_blue" if i % 2 else "toy_red": 1.0}) for i in range(num_users)}
+    return TwoUserPairs(users, num_pairs=pairs_per_user, resolution=resolution, seed=seed)
+
+
+def synthetic_from_spec(spec: str, resolution: int, seed: int):
+    """`synthetic:pairs[:N]`, `synthetic:ranked[:N[:k]]` or `synthetic:users[:U[:P]]` (U users x P pairs, with user_id)."""
     parts = spec.split(":")
-    if len(parts) < 2 or parts[1] not in ("pairs", "ranked"):
-        raise ValueError(f"bad synthetic data spec {spec!r}; use synthetic:pairs[:N] or synthetic:ranked[:N[:k]]")
+    if len(parts) < 2 or parts[1] not in ("pairs", "ranked", "users"):
+        raise ValueError(
+            f"bad synthetic data spec {spec!r}; use synthetic:pairs[:N], synthetic:ranked[:N[:k]] or synthetic:users[:U[:P]]"
+        )
+    if parts[1] == "users":
+        return synthetic_users(int(parts[2]) if len(parts) > 2 else 4, int(parts[3]) if len(parts) > 3 else 8, resolution, seed)
     n = int(parts[2]) if len(parts) > 2 else 64
     k = 2 if parts[1] == "pairs" else (int(parts[3]) if len(parts) > 3 else 4)
     return SyntheticPreferenceDataset(num_groups=n, k=k, resolution=resolution, seed=seed)

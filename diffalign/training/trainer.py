@@ -31,6 +31,7 @@ SUMMARY_FILE = "training_summary.json"
 LOSSES_FILE = "losses.jsonl"
 LORA_STATE_FILE = "lora_state.safetensors"
 EMA_STATE_FILE = "ema_state.safetensors"
+PPD_USERS_FILE = "ppd_users.json"  # the PPD user split (test users and every user's context rows, for evaluation)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,9 +44,20 @@ class _NonFinite(Exception):
 
 
 class ConditioningHook:
-    """How PPD plugs in: a context for the policy forward (user conditioning on) and one for the
-    reference forward (user attention off). The default does nothing. `trainable_parameters`
-    are optimised together with the denoiser's (e.g. the user encoder)."""
+    """How PPD plugs in (`diffalign.personalization.PPDConditioning` implements it). Defaults do nothing.
+
+    - `policy_context(model, batch)`: around the policy forward (user conditioning on).
+    - `reference_context(model, batch)`: around the reference forward when the reference IS the policy
+      model (tuning lora / none: user attention off). Not entered for tuning=full's frozen copy.
+    - `reference_copy(model)`: turns tuning=full's deep copy of the denoiser into the reference (PPD
+      strips the user attention from it, so the reference is exactly the base).
+    - `trainable_parameters()`: optimised with the denoiser's (user attention, encoder head). Those that
+      are not the denoiser's own (the encoder head) are broadcast from the main process at start and
+      their gradients all-reduced by hand, since accelerate does not wrap them.
+    - `owned_state_keys(model)`: denoiser state-dict keys the hook saves itself (kept out of full saves).
+    - `save(dir)` / `load(dir)`: the hook's weights, at checkpoints, at the end, and on resume.
+    - `to(device)`: move the hook's own modules.
+    """
 
     def policy_context(self, model, batch):
         return contextlib.nullcontext()
@@ -53,8 +65,23 @@ class ConditioningHook:
     def reference_context(self, model, batch):
         return contextlib.nullcontext()
 
+    def reference_copy(self, model):
+        return model
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return []
+
+    def owned_state_keys(self, model) -> set[str]:
+        return set()
+
+    def save(self, output_dir: str) -> None:
+        pass
+
+    def load(self, input_dir: str) -> None:
+        pass
+
+    def to(self, device):
+        return self
 
 
 def group_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
@@ -189,14 +216,25 @@ class PreferenceTrainer:
             adapter.vae = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path).eval().requires_grad_(False)
         self.adapter = adapter
         self.needs_reference = cfg.loss_name != "sft"
-        self.conditioning = conditioning
-        if cfg.objective == "ppd" and conditioning is None:
-            raise ValueError(
-                "objective='ppd' needs a ConditioningHook (policy forward under user conditioning, reference with user "
-                "attention off) from diffalign.personalization; pass PreferenceTrainer(..., conditioning=hook)"
-            )
+        if cfg.tuning == "none" and conditioning is None and cfg.objective != "ppd":
+            raise ValueError("tuning='none' needs a conditioning hook whose weights train (objective='ppd')")
         # --- data (before the models are cast: a cache checks the encoders' fingerprint) ------
         self.dataset = train_dataset if train_dataset is not None else self._build_dataset()
+        self.ppd_split = None
+        if cfg.objective == "ppd" and conditioning is None:
+            # Built from the config: split users, hold context pairs apart, install user attention.
+            from diffalign.personalization.training import ppd_from_config
+
+            self.dataset, conditioning, self.ppd_split = ppd_from_config(cfg, self.dataset, adapter.denoiser)
+            sp = self.ppd_split
+            acc.print(
+                f"ppd: {sp.stats['kept_users']} of {sp.stats['users']} users kept ({sp.filtered_users} with < {cfg.ppd_min_pairs} "
+                f"pairs filtered, {sp.filtered_rows} rows; {sp.rows_without_user} rows without user_id); "
+                f"{len(sp.train_users)} train / {len(sp.test_users)} test users; {len(self.dataset)} training pairs"
+            )
+        self.conditioning = conditioning
+        if conditioning is not None:
+            conditioning.to(self.device)
         self._setup_models()
         self.null_text = None
         if cfg.prompt_dropout > 0:
@@ -206,8 +244,16 @@ class PreferenceTrainer:
 
         # --- optimiser ---------------------------------------------------------------------
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        own = {id(p) for p in self.denoiser.parameters()}
+        self.extra_trainable: list[torch.nn.Parameter] = []  # trainable, but not the denoiser's (encoder head)
         if conditioning is not None:
-            params += list(conditioning.trainable_parameters())
+            seen = {id(p) for p in params}
+            for p in conditioning.trainable_parameters():
+                if id(p) not in seen:  # tuning=full already lists the user attention (part of the denoiser)
+                    seen.add(id(p))
+                    params.append(p)
+                    if id(p) not in own:
+                        self.extra_trainable.append(p)
         if not params:
             raise ValueError("nothing to train: no parameter requires grad")
         self.trainable = params
@@ -231,13 +277,26 @@ class PreferenceTrainer:
             self.ema.to(self.device)
         from accelerate.utils import DistributedType
 
-        if cfg.tuning == "lora" and acc.distributed_type == DistributedType.FSDP:
+        if cfg.tuning in ("lora", "none") and acc.distributed_type == DistributedType.FSDP:
             raise ValueError(
-                "LoRA with FSDP is not supported (the reference pass toggles adapters on the unsharded module); "
-                "use train/accelerate_configs/multi_gpu.yaml (DDP) for LoRA, FSDP for tuning=full"
+                f"tuning={cfg.tuning} with FSDP is not supported (the reference pass toggles adapters / user attention on "
+                "the unsharded module); use train/accelerate_configs/multi_gpu.yaml (DDP), FSDP for tuning=full"
+            )
+        if self.extra_trainable and acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ValueError(
+                "a conditioning hook with its own trainable weights (PPD's encoder head) runs single-process or under DDP "
+                "(train/accelerate_configs/multi_gpu.yaml); FSDP / DeepSpeed would not shard or sync them"
             )
         self.denoiser, self.optimizer, self.lr_scheduler = acc.prepare(self.denoiser, self.optimizer, lr_scheduler)
-        if cfg.tuning == "lora":
+        if acc.num_processes > 1 and self.extra_trainable:
+            # accelerate does not wrap them: start every process from the main process's values.
+            import torch.distributed as dist
+
+            with torch.no_grad():
+                for p in self.extra_trainable:
+                    dist.broadcast(p.data, src=0)
+        if cfg.tuning in ("lora", "none"):
+            # Checkpoints hold only what trains (LoRA weights; the hook saves its own), never the frozen base.
             acc.register_save_state_pre_hook(self._save_lora_hook)
             acc.register_load_state_pre_hook(self._load_lora_hook)
 
@@ -273,11 +332,18 @@ class PreferenceTrainer:
             for p in denoiser.parameters():  # LoRA weights train in fp32 even when the base is bf16/fp16
                 if p.requires_grad:
                     p.data = p.data.float()
+        elif cfg.tuning == "none":
+            # The base stays frozen (in the compute dtype); only the hook's weights train. The reference is
+            # this same model under the hook's reference_context (user attention off): no second copy.
+            _place(denoiser, self.device, self.weight_dtype)
         else:
             _place(denoiser, self.device, torch.float32)
             if self.needs_reference:
                 # The frozen reference in the compute dtype (bf16 under bf16 mixed precision), on the accelerator.
-                self.reference = _place(copy.deepcopy(denoiser), self.device, self.weight_dtype).eval().requires_grad_(False)
+                reference = copy.deepcopy(denoiser)
+                if self.conditioning is not None:
+                    reference = self.conditioning.reference_copy(reference)  # PPD: the base without user attention
+                self.reference = _place(reference, self.device, self.weight_dtype).eval().requires_grad_(False)
             denoiser.requires_grad_(True)
         if cfg.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()
@@ -326,13 +392,13 @@ class PreferenceTrainer:
             cls = torch.optim.AdamW
         return cls(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
 
-    # --- checkpoint hooks (LoRA: save only the adapter weights) --------------------------------
+    # --- checkpoint hooks (LoRA: save only the adapter weights; none: nothing of the denoiser) -------
     def _save_lora_hook(self, models, weights, output_dir):
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
         for model in models:
-            if self.accelerator.is_main_process:
+            if self.accelerator.is_main_process and self.config.tuning == "lora":
                 state = get_peft_model_state_dict(self.accelerator.unwrap_model(model))
                 save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(output_dir, LORA_STATE_FILE))
         while weights:
@@ -342,6 +408,10 @@ class PreferenceTrainer:
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
+        if self.config.tuning == "none":  # the base is frozen: nothing of it is in the checkpoint
+            while models:
+                models.pop()
+            return
         state = load_file(os.path.join(input_dir, LORA_STATE_FILE))
         while models:
             model = self.accelerator.unwrap_model(models.pop())
@@ -356,6 +426,8 @@ class PreferenceTrainer:
 
     def _reference_context(self, batch):
         stack = contextlib.ExitStack()
+        if self.reference is not None:  # tuning=full: a separate frozen copy, already the plain base
+            return stack
         if self.config.tuning == "lora":
             stack.enter_context(adapters_disabled(self.unwrapped))
         if self.conditioning is not None:
@@ -579,6 +651,7 @@ class PreferenceTrainer:
             values = acc.reduce(values, reduction="mean").cpu().tolist()
             for name, value in zip(names, values):
                 sums[name] = sums.get(name, 0.0) + value / n
+        self._sync_extra_gradients()
         if self.config.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
             if grad_norm is not None:  # DeepSpeed clips inside its engine and returns None
@@ -590,6 +663,19 @@ class PreferenceTrainer:
             self.ema.step(self.trainable)
         return sums
 
+    def _sync_extra_gradients(self) -> None:
+        """Average the gradients of trainable weights outside the prepared denoiser (PPD's encoder head)
+        over processes, as DDP does for the denoiser's: one all-reduce of one flat buffer per step."""
+        if self.accelerator.num_processes == 1 or not self.extra_trainable:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.extra_trainable]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for p, g in zip(self.extra_trainable, grads):
+            p.grad = flat[offset : offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+
     # ------------------------------------------------------------------------------------------
     def _resume(self) -> int:
         cfg, acc = self.config, self.accelerator
@@ -599,6 +685,8 @@ class PreferenceTrainer:
                 acc.print(f"resume_from_checkpoint=latest: no checkpoint in {cfg.output_dir} yet, starting from step 0")
             return 0
         acc.load_state(path)
+        if self.conditioning is not None:
+            self.conditioning.load(path)  # user attention + encoder head (PPD)
         state = ckpt.read_state(path)
         if self.ema is not None:
             from safetensors.torch import load_file
@@ -619,6 +707,8 @@ class PreferenceTrainer:
         acc.save_state(tmp)
         final = None
         if acc.is_main_process:
+            if self.conditioning is not None:
+                self.conditioning.save(tmp)
             state = {"global_step": step, "last_loss": last_loss, "config": cfg.to_dict(), "num_processes": acc.num_processes}
             if self.ema is not None:
                 from safetensors.torch import save_file
@@ -663,22 +753,37 @@ class PreferenceTrainer:
         if self.ema is not None:  # on every process: sharded models gather the EMA weights below
             self.ema.copy_to(self.trainable)
         model = self.unwrapped
+        owned = self.conditioning.owned_state_keys(model) if self.conditioning is not None else set()
         if cfg.tuning == "lora":
             if acc.is_main_process:
                 from peft.utils import get_peft_model_state_dict
 
                 self.adapter.save_lora(cfg.output_dir, get_peft_model_state_dict(model))
-        elif acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            state = acc.get_state_dict(self.denoiser)  # a collective: gathers the shards on the main process
+        elif cfg.tuning == "none":
+            pass  # the base did not change; the hook saves what trained (below)
+        elif acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) or owned:
+            # Gathered shards, or a state dict without the hook's keys (PPD saves user attention on its own,
+            # so unet/ stays a plain diffusers model that from_pretrained loads without unexpected keys).
+            sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+            state = acc.get_state_dict(self.denoiser) if sharded else model.state_dict()  # the former is a collective
             if acc.is_main_process:
                 from safetensors.torch import save_file
 
                 out = os.path.join(cfg.output_dir, self.adapter.denoiser_attr)
                 os.makedirs(out, exist_ok=True)
                 model.save_config(out)
-                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, "diffusion_pytorch_model.safetensors"))
+                save_file({k: v.detach().contiguous().cpu() for k, v in state.items() if k not in owned},
+                          os.path.join(out, "diffusion_pytorch_model.safetensors"))
         elif acc.is_main_process:
             model.save_pretrained(os.path.join(cfg.output_dir, self.adapter.denoiser_attr), safe_serialization=True)
+        if self.conditioning is not None and acc.is_main_process:
+            self.conditioning.save(cfg.output_dir)
+        if self.ppd_split is not None and acc.is_main_process:
+            sp = self.ppd_split
+            with open(os.path.join(cfg.output_dir, PPD_USERS_FILE), "w", encoding="utf-8") as f:
+                json.dump({"train_users": sp.train_users, "test_users": sp.test_users, "context_rows": sp.context_rows,
+                           "filtered_users": sp.filtered_users, "filtered_rows": sp.filtered_rows,
+                           "rows_without_user": sp.rows_without_user, "stats": sp.stats}, f)
         acc.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------
@@ -763,7 +868,11 @@ class PreferenceTrainer:
             "median_step_time_s": median,
             "pairs_per_s": cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps / median if timed else None,
             "wall_time_s": wall,
-            "skipped_rows": int(getattr(self.dataset, "skipped_rows", 0) or 0),
+            "skipped_rows": int(getattr(self.dataset, "skipped_rows", getattr(getattr(self.dataset, "dataset", None), "skipped_rows", 0)) or 0),
+            "ppd_users": None if self.ppd_split is None else {
+                **self.ppd_split.stats, "filtered_users": self.ppd_split.filtered_users,
+                "filtered_rows": self.ppd_split.filtered_rows, "rows_without_user": self.ppd_split.rows_without_user,
+            },
             "config": cfg.to_dict(),
         }
         if acc.is_main_process:
