@@ -237,3 +237,136 @@ def test_eval_script_runs_offline_and_fresh_attention_ties_the_base(tmp_path):
     assert result["interpolation"]["spearman_a"] is None and result["interpolation"]["monotone_a"]
     with pytest.raises(ValueError, match="--judge"):
         module.main(["--pretrained_model_name_or_path", "tiny:sd3", "--dataset", "x"])
+
+
+# --- PPD from a YAML config through the trainer (the train/train.py code path) ----------------------------
+REPO = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+PPD_YAML = __import__("os").path.join(REPO, "train", "configs", "tiny_sdxl_ppd.yaml")
+
+
+def _ppd_config(out, *overrides):
+    from diffalign.training import TrainConfig
+
+    return TrainConfig.from_yaml(PPD_YAML, [f"output_dir={out}", "report_to=none", "progress_bar=false", *overrides])
+
+
+def _losses(out):
+    import json
+
+    with open(out / "losses.jsonl") as f:
+        return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+def test_ppd_yaml_tuning_none_trains_only_user_weights_resumes_and_reloads(tmp_path):
+    """tiny_sdxl_ppd.yaml (tuning: none): the base UNet stays bit-identical, user attention + head change,
+    step 1 is exactly log 2 (reference = the same UNet with user attention off), a resume restores the user
+    weights, and the saved files reload into PersonalizedStableDiffusionXLPipeline with the same output."""
+    import json
+    import math
+    import shutil
+
+    from diffalign.families import load_family
+    from diffalign.personalization import load_user_attention
+    from diffalign.pipelines import PersonalizedStableDiffusionXLPipeline
+    from diffalign.testing import tiny_sdxl_pipeline
+    from diffalign.training import PreferenceTrainer
+
+    out = tmp_path / "run"
+    trainer = PreferenceTrainer(_ppd_config(out, "max_train_steps=4", "checkpointing_steps=2"))
+    hook, den = trainer.conditioning, trainer.unwrapped
+    assert trainer.reference is None and len({id(p) for p in trainer.trainable}) == len(trainer.trainable)
+    assert {id(p) for p in trainer.trainable} == {id(p) for p in user_attention_parameters(den) + hook.encoder.head_parameters()}
+    assert trainer.extra_trainable and all(not any(p is q for q in den.parameters()) for p in trainer.extra_trainable)
+    owned = hook.owned_state_keys(den)
+    pristine = load_family("tiny:sdxl", seed=trainer.config.model_seed).denoiser.state_dict()
+    head_before = [p.detach().clone() for p in hook.encoder.head_parameters()]
+    summary = trainer.train()
+    assert summary["ppd_users"]["train_users"] == 5 and summary["ppd_users"]["test_users"] == 1
+    losses = _losses(out)
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-6)  # zero-init user attention: policy == reference
+    state = den.state_dict()
+    assert set(state) - owned == set(pristine)
+    for key, value in pristine.items():
+        assert torch.equal(state[key], value), key  # the base never moved
+    assert all(attn.user_attention.user_value.weight.abs().sum() > 0 for attn in getattr(den, STATE_ATTR).layers)
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, hook.encoder.head_parameters()))
+    users = json.loads((out / "ppd_users.json").read_text())
+    assert not set(users["train_users"]) & set(users["test_users"]) and set(hook.contexts) == set(users["train_users"])
+    ckpt2 = out / "checkpoint-2"
+    assert (ckpt2 / "user_attention.safetensors").exists() and (ckpt2 / "user_encoder_head.safetensors").exists()
+    assert not list(ckpt2.glob("model*.safetensors")) and not list(ckpt2.glob("pytorch_model*"))  # no frozen base in it
+
+    # Resume from checkpoint-2: a fresh trainer starts with W_v' = 0; the same losses 3-4 need the restored weights.
+    final = {k: state[k].clone() for k in owned}
+    shutil.rmtree(out / "checkpoint-4")
+    (out / "losses.jsonl").unlink()
+    again = PreferenceTrainer(_ppd_config(out, "max_train_steps=4", "checkpointing_steps=2", "resume_from_checkpoint=latest"))
+    assert again.train()["resumed_from_step"] == 2
+    replay = _losses(out)
+    for step in (3, 4):
+        assert replay[step] == pytest.approx(losses[step], abs=1e-5)
+    for key, value in again.unwrapped.state_dict().items():
+        if key in owned:
+            torch.testing.assert_close(value, final[key], atol=1e-6, rtol=1e-5)
+
+    # The saved user attention + encoder head reload into a personalized pipeline built from scratch.
+    user = users["train_users"][0]
+    kw = dict(prompt="a square", num_inference_steps=2, height=32, width=32, output_type="latent")
+    pipe = PersonalizedStableDiffusionXLPipeline.from_base(tiny_sdxl_pipeline(trainer.config.model_seed))
+    load_user_attention(pipe.unet, out / "user_attention.safetensors")
+    encoder = tiny_clip_user_encoder(dim=16, num_tokens=2, seed=trainer.config.seed)
+    encoder.load_head(out / "user_encoder_head.safetensors")
+    pipe.set_user_encoder(encoder.eval())
+    trained = PersonalizedStableDiffusionXLPipeline.from_base(again.adapter.pipeline(again.unwrapped.eval()), again.conditioning.encoder.eval())
+    trained.set_progress_bar_config(disable=True)
+    examples = again.conditioning.contexts[user]
+    reloaded = pipe(generator=torch.Generator().manual_seed(0), user_examples=examples, **kw).images
+    expected = trained(generator=torch.Generator().manual_seed(0), user_examples=examples, **kw).images
+    base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    torch.testing.assert_close(reloaded, expected, atol=1e-5, rtol=1e-4)
+    assert (reloaded - base).abs().max() > 0  # the trained user branch changes the output
+
+
+def test_ppd_full_finetune_reference_is_the_base_without_user_attention(tmp_path):
+    """tuning=full + PPD: the frozen reference copy has no user attention and equals the base; the
+    trainable list holds each parameter once; unet/ is saved without the user keys (they go to their file)."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from diffalign.families import load_family
+    from diffalign.personalization.attention import has_user_attention
+    from diffalign.training import PreferenceTrainer
+
+    out = tmp_path / "full"
+    trainer = PreferenceTrainer(_ppd_config(out, "tuning=full", "max_train_steps=1", "checkpointing_steps=0", "learning_rate=1e-5"))
+    den = trainer.unwrapped
+    assert has_user_attention(den) and not has_user_attention(trainer.reference)
+    pristine = load_family("tiny:sdxl", seed=trainer.config.model_seed).denoiser.state_dict()
+    ref_state = trainer.reference.state_dict()
+    assert set(ref_state) == set(pristine) and all(torch.equal(ref_state[k], v) for k, v in pristine.items())
+    ids = [id(p) for p in trainer.trainable]
+    assert len(ids) == len(set(ids)) == len(list(den.parameters())) + len(trainer.conditioning.encoder.head_parameters())
+    trainer.train()
+    # Step 1: policy == reference up to kernel choice (grad-mode SDPA on CPU differs in the last bits).
+    assert _losses(out)[1] == pytest.approx(math.log(2), abs=1e-4)
+    # After training (base weights moved, user value weights made large), the reference is still the pristine base.
+    from diffalign.kernels import per_sample_error
+    from diffalign.training.trainer import KeyedDataset, collate_keyed
+
+    with torch.no_grad():
+        for attn in getattr(den, STATE_ATTR).layers:
+            attn.user_attention.user_value.weight.normal_(0, 0.3)
+    assert any(not torch.equal(den.state_dict()[k], v) for k, v in pristine.items())
+    batch = collate_keyed([KeyedDataset(trainer.dataset)[(0, i)] for i in (0, 5)])
+    inputs = trainer.prepare_inputs(batch)
+    base = load_family("tiny:sdxl", seed=trainer.config.model_seed)
+    with torch.no_grad():
+        pred = base.predict(base.denoiser, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
+        with trainer._policy_context(batch):
+            policy = trainer.adapter.predict(den, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
+    expected = per_sample_error(pred, inputs["target"], inputs["weight"]).view(2, 2)
+    torch.testing.assert_close(trainer.reference_errors(batch, inputs=inputs), expected, atol=1e-6, rtol=1e-6)
+    assert (per_sample_error(policy, inputs["target"], inputs["weight"]).view(2, 2) - expected).abs().max() > 1e-3
+    saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert set(saved) == set(pristine) and (out / "user_attention.safetensors").exists()
