@@ -341,6 +341,11 @@ def prepare_ppd(
             item = dataset[i]
             user_ids.append(item.get("user_id"))
             labels.append(0.5 if float(item["scores"][0]) == float(item["scores"][1]) else 1.0)
+    if all(u is None or u == "" for u in user_ids):
+        raise ValueError(
+            f"none of the {len(user_ids)} rows has a user_id; PPD needs pairs grouped by user (Pick-a-Pic v2 parquet with "
+            "its user_id column, or dataset=synthetic:users for a smoke run)"
+        )
     split = split_users(user_ids, num_context=num_context, min_pairs=min_pairs, test_fraction=test_fraction, seed=seed, labels=labels)
     contexts = contexts_from_dataset(dataset, UserSplit(split.train_users, [], {u: split.context_rows[u] for u in split.train_users}, {}))
     train = UserPairs(dataset, split.train_rows())
