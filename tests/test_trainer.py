@@ -61,13 +61,16 @@ def test_config_yaml_overrides_and_unknown_keys(tmp_path):
 def test_shipped_configs_load():
     paths = sorted(glob.glob(os.path.join(REPO, "train", "configs", "*.yaml")))
     names = {os.path.basename(p) for p in paths}
-    assert {"sdxl_dpo.yaml", "sdxl_rankdpo.yaml", "sd3_rankdpo.yaml", "tiny_sdxl_dpo.yaml", "tiny_sd3_rankdpo.yaml"} <= names
+    assert {"sdxl_dpo.yaml", "sdxl_rankdpo.yaml", "sd3_rankdpo.yaml", "tiny_sdxl_dpo.yaml", "tiny_sd3_rankdpo.yaml",
+            "sdxl_ppd.yaml", "tiny_sdxl_ppd.yaml"} <= names
     for path in paths:
         cfg = TrainConfig.from_yaml(path)
         assert cfg.beta > 0
     real = TrainConfig.from_yaml(os.path.join(REPO, "train", "configs", "sdxl_dpo.yaml"))
     assert real.beta == 5000.0 and real.learning_rate == 1e-8 and real.scale_lr
     assert real.train_batch_size * real.gradient_accumulation_steps * 8 == 2048
+    ppd = TrainConfig.from_yaml(os.path.join(REPO, "train", "configs", "sdxl_ppd.yaml"))
+    assert ppd.objective == "ppd" and ppd.tuning == "none" and ppd.ppd_num_context == 4 and ppd.ppd_encoder == "vlm"
 
 
 def test_checkpoint_latest_ignores_partial_saves(tmp_path):

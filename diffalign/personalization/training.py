@@ -374,7 +374,10 @@ def user_encoder_from_config(cfg) -> UserEncoder:
         if model == "tiny":
             raise ValueError("ppd_encoder_model='tiny' exists for ppd_encoder=clip only")
         torch.manual_seed(cfg.seed)
-        return create_user_encoder("vlm", model, layer=cfg.ppd_encoder_layer, dim=cfg.ppd_encoder_dim, num_tokens=cfg.ppd_num_tokens)
+        # The frozen VLM only describes the context examples: load it in the run's compute dtype (a 7B VLM is 15 GB in bf16).
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(getattr(cfg, "mixed_precision", "no"))
+        return create_user_encoder("vlm", model, layer=cfg.ppd_encoder_layer, torch_dtype=dtype, dim=cfg.ppd_encoder_dim,
+                                   num_tokens=cfg.ppd_num_tokens)
     raise ValueError(f"unknown ppd_encoder {cfg.ppd_encoder!r}; use clip or vlm")
 
 
