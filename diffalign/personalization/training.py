@@ -2,8 +2,10 @@
 
 PPD is pairwise Diffusion-DPO in which the policy is the denoiser conditioned on the user's embedding
 (computed from that user's held-apart context pairs) and the reference is the same denoiser with user
-attention off (and LoRA off, when LoRA co-trains). `PPDConditioning` implements the trainer's
-`ConditioningHook` interface (duck-typed: policy_context / reference_context / trainable_parameters).
+attention off (and LoRA off, when LoRA co-trains; with full fine-tuning, a frozen copy stripped of user
+attention). `PPDConditioning` implements the trainer's
+`ConditioningHook` interface (duck-typed: policy_context / reference_context / trainable_parameters, plus
+reference_copy / owned_state_keys / save / load / to).
 """
 
 from __future__ import annotations

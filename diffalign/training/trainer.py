@@ -84,6 +84,12 @@ class ConditioningHook:
         return self
 
 
+def _hook_method(hook, name: str):
+    """`hook.name`, or the no-op default for hooks written against the first, 3-method interface."""
+    method = getattr(hook, name, None)
+    return method if method is not None else getattr(ConditioningHook(), name)
+
+
 def group_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
     entropy = [seed, epoch + 2**31, index, purpose]  # SeedSequence needs non-negative words
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -234,7 +240,7 @@ class PreferenceTrainer:
             )
         self.conditioning = conditioning
         if conditioning is not None:
-            conditioning.to(self.device)
+            _hook_method(conditioning, "to")(self.device)
         self._setup_models()
         self.null_text = None
         if cfg.prompt_dropout > 0:
@@ -342,7 +348,7 @@ class PreferenceTrainer:
                 # The frozen reference in the compute dtype (bf16 under bf16 mixed precision), on the accelerator.
                 reference = copy.deepcopy(denoiser)
                 if self.conditioning is not None:
-                    reference = self.conditioning.reference_copy(reference)  # PPD: the base without user attention
+                    reference = _hook_method(self.conditioning, "reference_copy")(reference)  # PPD: the base without user attention
                 self.reference = _place(reference, self.device, self.weight_dtype).eval().requires_grad_(False)
             denoiser.requires_grad_(True)
         if cfg.gradient_checkpointing:
@@ -686,7 +692,7 @@ class PreferenceTrainer:
             return 0
         acc.load_state(path)
         if self.conditioning is not None:
-            self.conditioning.load(path)  # user attention + encoder head (PPD)
+            _hook_method(self.conditioning, "load")(path)  # user attention + encoder head (PPD)
         state = ckpt.read_state(path)
         if self.ema is not None:
             from safetensors.torch import load_file
@@ -708,7 +714,7 @@ class PreferenceTrainer:
         final = None
         if acc.is_main_process:
             if self.conditioning is not None:
-                self.conditioning.save(tmp)
+                _hook_method(self.conditioning, "save")(tmp)
             state = {"global_step": step, "last_loss": last_loss, "config": cfg.to_dict(), "num_processes": acc.num_processes}
             if self.ema is not None:
                 from safetensors.torch import save_file
@@ -753,7 +759,7 @@ class PreferenceTrainer:
         if self.ema is not None:  # on every process: sharded models gather the EMA weights below
             self.ema.copy_to(self.trainable)
         model = self.unwrapped
-        owned = self.conditioning.owned_state_keys(model) if self.conditioning is not None else set()
+        owned = _hook_method(self.conditioning, "owned_state_keys")(model) if self.conditioning is not None else set()
         if cfg.tuning == "lora":
             if acc.is_main_process:
                 from peft.utils import get_peft_model_state_dict
@@ -777,7 +783,7 @@ class PreferenceTrainer:
         elif acc.is_main_process:
             model.save_pretrained(os.path.join(cfg.output_dir, self.adapter.denoiser_attr), safe_serialization=True)
         if self.conditioning is not None and acc.is_main_process:
-            self.conditioning.save(cfg.output_dir)
+            _hook_method(self.conditioning, "save")(cfg.output_dir)
         if self.ppd_split is not None and acc.is_main_process:
             sp = self.ppd_split
             with open(os.path.join(cfg.output_dir, PPD_USERS_FILE), "w", encoding="utf-8") as f:
