@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train with DPO / RankDPO / SFT (run under `accelerate launch` for several GPUs)",
+        help="train with DPO / RankDPO / SFT / PPD (run under `accelerate launch` for several GPUs)",
         description="Preference training. Example: diffalign train --config train/configs/tiny_sdxl_dpo.yaml max_train_steps=5",
     )
     add_arguments(parser)
