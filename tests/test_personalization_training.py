@@ -370,3 +370,42 @@ def test_ppd_full_finetune_reference_is_the_base_without_user_attention(tmp_path
     assert (per_sample_error(policy, inputs["target"], inputs["weight"]).view(2, 2) - expected).abs().max() > 1e-3
     saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert set(saved) == set(pristine) and (out / "user_attention.safetensors").exists()
+
+
+def test_ppd_from_pickapic_parquet_filters_users_and_never_uses_ties_as_context(tmp_path, caplog):
+    """The real-data route: user ids and labels come from the Arrow columns; the filtered user is logged."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from diffalign.training import PreferenceTrainer
+
+    def png(colour):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 32), colour).save(buf, format="PNG")
+        return buf.getvalue()
+
+    users = ["a"] * 6 + ["b"] * 6 + ["c"] * 2
+    labels = [0.5, 1.0, 0.0, 1.0, 0.0, 1.0] + [1.0, 0.0] * 3 + [1.0, 0.0]
+    pq.write_table(pa.table({
+        "caption": [f"a square {i}" for i in range(len(users))],
+        "jpg_0": pa.array([png((255, 0, 0))] * len(users), pa.binary()),
+        "jpg_1": pa.array([png((0, 0, 255))] * len(users), pa.binary()),
+        "label_0": pa.array(labels, pa.float64()),
+        "user_id": users,
+    }), str(tmp_path / "pairs.parquet"))
+    cfg = _ppd_config(tmp_path / "run", f"dataset={tmp_path / 'pairs.parquet'}", "keep_ties=true", "ppd_min_pairs=4",
+                      "ppd_test_fraction=0.0", f"hf_cache_dir={tmp_path / 'hf'}")
+    with caplog.at_level(logging.INFO, logger="diffalign.personalization.training"):
+        trainer = PreferenceTrainer(cfg)
+    assert "1 users with < 4 pairs filtered (2 rows)" in caplog.text
+    split = trainer.ppd_split
+    assert split.train_users == ["a", "b"] and split.test_users == [] and split.filtered_rows == 2
+    from diffalign.personalization.training import dataset_labels
+
+    assert dataset_labels(trainer.dataset.dataset)[:3] == [0.5, 1.0, 0.0]  # read from the Arrow column
+    assert 0 not in split.context_rows["a"]  # row 0 is user a's tie: never a context example
+    assert len(trainer.dataset) == 8 and not set(trainer.dataset.indices) & {i for r in split.context_rows.values() for i in r}
+    assert all(trainer.dataset[i]["user_id"] in ("a", "b") for i in range(len(trainer.dataset)))
