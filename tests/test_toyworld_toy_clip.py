@@ -37,3 +37,9 @@ def test_decisive_pairs_are_decisive():
 
     for row, a, b, a_right in pairs:
         assert score_images([a, b], [row, row]) == [a_right, not a_right]
+
+
+def test_shipped_toy_clip_agrees_with_the_exact_checker():
+    reward = R.load("toy_clip")
+    res = T.agreement(reward, T.decisive_pairs(60, seed=7))
+    assert res["n_pairs"] == 60 and res["overall"] >= 0.8, res

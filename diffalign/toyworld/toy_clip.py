@@ -299,6 +299,24 @@ def decisive_pairs(n: int, seed: int = 0):
     return out
 
 
+def generated_decisive_pairs(pipe, rows: list[dict], k: int = 4, seed: int = 0, num_inference_steps: int = 20, guidance_scale: float = 5.0):
+    """Decisive pairs among k generated images per prompt (every pair whose exact verdicts differ)."""
+    from diffalign.toyworld.detector import score_images
+    from diffalign.toyworld.pretrain import generate
+
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    images = generate(pipe, prompts, [seed + i for i in range(len(prompts))], num_inference_steps, guidance_scale)
+    verdicts = score_images(images, [r for r in rows for _ in range(k)])
+    out = []
+    for g, row in enumerate(rows):
+        ims, oks = images[g * k : (g + 1) * k], verdicts[g * k : (g + 1) * k]
+        for i in range(k):
+            for j in range(i + 1, k):
+                if oks[i] != oks[j]:
+                    out.append((row, ims[i], ims[j], oks[i]))
+    return out
+
+
 def agreement(reward, pairs) -> dict:
     """Fraction of decisive pairs where the reward prefers the image the exact checker accepts (per task too)."""
     rows = [p[0] for p in pairs]
