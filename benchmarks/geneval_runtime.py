@@ -39,46 +39,25 @@ def _swin_small(tiny: bool):
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
     if tiny:
-        backbone = SwinConfig(
-            embed_dim=16,
-            depths=[1, 1, 1, 1],
-            num_heads=[1, 1, 1, 1],
-            window_size=4,
-            image_size=64,
-            out_features=["stage1", "stage2", "stage3", "stage4"],
-        )
-        cfg = Mask2FormerConfig(
-            backbone_config=backbone,
-            use_pretrained_backbone=False,
-            num_labels=80,
-            hidden_dim=32,
-            mask_feature_size=32,
-            feature_size=32,
-            num_queries=10,
-            encoder_layers=1,
-            decoder_layers=2,
-            num_attention_heads=2,
-            dim_feedforward=64,
-            encoder_feedforward_dim=64,
-            common_stride=4,
-        )
-    else:
-        # facebook/mask2former-swin-small-coco-instance: Swin-S backbone, 100 queries, 9 decoder layers (+ the initial one).
-        backbone = SwinConfig(
-            embed_dim=96,
-            depths=[2, 2, 18, 2],
-            num_heads=[3, 6, 12, 24],
-            window_size=7,
-            image_size=224,
-            out_features=["stage1", "stage2", "stage3", "stage4"],
-        )
-        cfg = Mask2FormerConfig(
-            backbone_config=backbone,
-            use_pretrained_backbone=False,
-            num_labels=80,
-            num_queries=100,
-            decoder_layers=10,
-        )
+        from diffalign.testing import tiny_mask2former
+
+        return tiny_mask2former()
+    # facebook/mask2former-swin-small-coco-instance: Swin-S backbone, 100 queries, 9 decoder layers (+ the initial one).
+    backbone = SwinConfig(
+        embed_dim=96,
+        depths=[2, 2, 18, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        image_size=224,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    cfg = Mask2FormerConfig(
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        num_labels=80,
+        num_queries=100,
+        decoder_layers=10,
+    )
     return Mask2FormerForUniversalSegmentation(cfg)
 
 

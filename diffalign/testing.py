@@ -166,3 +166,34 @@ def tiny_sd3_pipeline(seed: int = 0, with_t5: bool = False):
     pipe = StableDiffusion3Pipeline(**tiny_sd3_components(seed, with_t5=with_t5))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_mask2former(num_labels: int = 80, num_queries: int = 10, seed: int = 0):
+    """A tiny random `Mask2FormerForUniversalSegmentation` (Swin backbone) that builds offline in ~0.1 s."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    torch.manual_seed(seed)
+    backbone = SwinConfig(
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 1, 1],
+        window_size=4,
+        image_size=64,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        num_labels=num_labels,
+        hidden_dim=32,
+        mask_feature_size=32,
+        feature_size=32,
+        num_queries=num_queries,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        dim_feedforward=64,
+        encoder_feedforward_dim=64,
+        common_stride=4,
+    )
+    return Mask2FormerForUniversalSegmentation(config)

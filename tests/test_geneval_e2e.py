@@ -60,40 +60,13 @@ def generated(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import (
-        Mask2FormerConfig,
-        Mask2FormerForUniversalSegmentation,
-        Mask2FormerImageProcessor,
-        SwinConfig,
-    )
+    from transformers import Mask2FormerImageProcessor
 
-    torch.manual_seed(0)
-    backbone = SwinConfig(
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 1, 1],
-        window_size=4,
-        image_size=64,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = Mask2FormerConfig(
-        backbone_config=backbone,
-        use_pretrained_backbone=False,
-        num_labels=80,
-        hidden_dim=32,
-        mask_feature_size=32,
-        feature_size=32,
-        num_queries=10,
-        encoder_layers=1,
-        decoder_layers=2,
-        num_attention_heads=2,
-        dim_feedforward=64,
-        encoder_feedforward_dim=64,
-        common_stride=4,
-    )
+    from diffalign.testing import tiny_mask2former
+
     detector = load_detector(
         "mask2former",
-        model=Mask2FormerForUniversalSegmentation(config),
+        model=tiny_mask2former(),
         processor=Mask2FormerImageProcessor(),
         device="cpu",
         test_size=(64, 64),
