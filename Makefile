@@ -18,7 +18,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev,triton,demo]"
 
 quickstart: install
-	$(BIN)/diffalign --help
+	$(BIN)/diffalign quickstart
 
 test: install
 	$(BIN)/python -m pytest -q tests
