@@ -57,7 +57,7 @@ class QuickstartConfig:
     with_control: bool = False
     seed: int = 0
     # 1. toy Syn-Pic
-    num_prompts: int = 128
+    num_prompts: int = 64
     guidances: tuple[float, ...] = (2.0, 3.5, 5.0, 7.0)  # one generator per guidance scale (k = len)
     generators: list[str] = field(default_factory=list)  # extra generator specs (e.g. another training stage)
     rewards: list[str] | None = None  # None = toy_geneval_graded (+ toy_clip when registered)
@@ -66,7 +66,7 @@ class QuickstartConfig:
     # 2. training
     tuning: str = "lora"
     lora_rank: int = 16
-    train_steps: int = 120
+    train_steps: int = 80
     groups_per_step: int = 4  # lists per step; DPO gets the same number of images (groups * k / 2 pairs)
     learning_rate: float = 2e-4
     beta: float = 2000.0
