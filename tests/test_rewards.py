@@ -330,3 +330,14 @@ def test_resolve_file_local_or_hub(tmp_path, monkeypatch):
     assert calls == [("xswu/HPSv2", "HPS_v2.1_compressed.pt")]
     with pytest.raises(FileNotFoundError, match="neither a local file"):
         resolve_file(str(tmp_path / "missing.pt"), "hps checkpoint")
+
+
+def test_registry_finds_rewards_registered_by_other_rooms():
+    # The toy world registers its rewards in its own modules; load() must find them without the caller
+    # importing the toy world first.
+    from diffalign.rewards import available, load
+
+    names = available()
+    for name in ("toy_geneval", "toy_geneval_graded", "toy_clip", "toy_taste_warm"):
+        assert name in names
+    assert type(load("toy_geneval")).__name__ == "ToyGenEvalReward"

@@ -193,11 +193,31 @@ def register_reward(name: str, factory: Callable[..., RewardModel] | None = None
     return _register(factory) if factory is not None else _register
 
 
+# Rooms that register rewards of their own; imported on first need so `load("toy_clip")` works without
+# the caller importing the toy world first (and without loading it for the built-in rewards).
+_PLUGIN_MODULES = ("diffalign.toyworld.rewards", "diffalign.toyworld.toy_rewards", "diffalign.toyworld.toy_clip")
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    import importlib
+
+    _plugins_loaded = True
+    for module in _PLUGIN_MODULES:
+        importlib.import_module(module)
+
+
 def available() -> list[str]:
+    _load_plugins()
     return sorted(_REGISTRY)
 
 
 def load(name: str, **kwargs) -> RewardModel:
+    if name not in _REGISTRY:
+        _load_plugins()
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; available: {', '.join(available())}")
     model = _REGISTRY[name](**kwargs)
