@@ -31,6 +31,9 @@ from diffalign.demo.validation import DemoInputError, check_size, check_steps, o
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a photo of a red circle"  # a toy-world prompt: the GenEval verdict applies
 STEPS, SIZE = 2, 64
+# The default CLIP reward: the toy world's trained toy_clip when its weights ship, else a random tiny CLIP.
+_TOY_CLIP_WEIGHTS = os.path.join(os.path.dirname(demo_models.__file__), "..", "toyworld", "checkpoints", "toy-clip")
+CLIP_REWARD = "toy_clip" if os.path.isdir(_TOY_CLIP_WEIGHTS) else "clip_score (random)"
 
 
 def free_port() -> int:
@@ -116,7 +119,7 @@ def test_compare_returns_base_and_aligned_images_with_scores(server):
     assert details["seed"] == 0 and details["steps"] == STEPS and details["lora"].endswith(".safetensors")
     for side, md in (("base", base_md), ("aligned", aligned_md)):
         rewards = details[side]["rewards"]
-        assert list(rewards) == ["toy_geneval", "clip_score (random)"]  # the offline defaults
+        assert list(rewards) == ["toy_geneval", CLIP_REWARD]  # the offline defaults
         assert all(np.isfinite(v) for v in rewards.values())
         # The exact checker's graded reward is 1.0 exactly when the GenEval verdict is "correct".
         assert 0.0 <= rewards["toy_geneval"] <= 1.0
@@ -125,7 +128,7 @@ def test_compare_returns_base_and_aligned_images_with_scores(server):
         assert verdict["available"] and verdict["task"] == "colors"
         assert isinstance(verdict["correct"], bool)
         assert verdict["correct"] or verdict["reason"]  # a failure always says why
-        assert "clip_score (random)" in md and "GenEval (colors)" in md
+        assert CLIP_REWARD in md and "GenEval (colors)" in md
     # Same seed -> the same base image (the comparison is paired).
     again = compare(server["client"], server=server)
     assert np.array_equal(pixels(again[0]), a)
@@ -141,7 +144,7 @@ def test_compare_without_lora_and_non_toy_prompt_says_why(server):
     # The exact-checker reward cannot judge it either, and says why; the CLIP reward still scores it.
     assert details["base"]["rewards"]["toy_geneval"] is None
     assert "'an astronaut riding a horse' is not a toy-world" in details["base"]["reward_errors"]["toy_geneval"]
-    assert np.isfinite(details["base"]["rewards"]["clip_score (random)"])
+    assert np.isfinite(details["base"]["rewards"][CLIP_REWARD])
     assert pixels(base).shape == (SIZE, SIZE, 3)
 
 
@@ -165,7 +168,7 @@ def test_personalize_from_pair_choices_and_uploads(server, tmp_path):
     # The base column is the same model and seed as Compare's base column.
     assert np.array_equal(a, pixels(compare(client, server=server)[0]))
     for side in ("base", "personalized"):
-        assert np.isfinite(details[side]["rewards"]["clip_score (random)"])
+        assert np.isfinite(details[side]["rewards"][CLIP_REWARD])
         assert details[side]["geneval"]["available"]
     # Other choices -> another user embedding -> another image.
     other = client.predict(PROMPT, 100, "right", "left", "left", "right", [], [], 0, STEPS, SIZE, 5.0, 1.0,
