@@ -68,7 +68,7 @@ class QuickstartConfig:
     lora_rank: int = 16
     train_steps: int = 80
     groups_per_step: int = 4  # lists per step; DPO gets the same number of images (groups * k / 2 pairs)
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-3  # measured: 2e-4 gave no gain over the random-label control (docs/quickstart.md)
     beta: float = 2000.0
     # 3. evaluation
     eval_per_task: int = 60
