@@ -572,7 +572,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                               cfg.num_inference_steps, cfg.guidance_scale, batch_size=len(show))
             base = {**base, "images": dict(zip(show, images))}
         evals["base"] = base
-        del pipe
 
     with clock("synth"):
         synth = run_toy_synpic(cfg, base_dir, out)
