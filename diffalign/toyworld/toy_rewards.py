@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from diffalign.rewards.base import PreprocessConfig, RewardModel, register_reward
+from diffalign.toyworld.rewards import _to_pil
 
 TOY_GENEVAL = "toy_geneval_graded"
 
@@ -80,22 +81,6 @@ def graded_score(detections: dict, metadata: dict) -> tuple[float, bool]:
     questions = sub_questions(metadata)
     yes = [bool(evaluate_clauses(q, kept)[0]) for q in questions]
     return 0.5 * float(verdict) + 0.5 * float(np.mean(yes)), verdict
-
-
-def _to_pil(images) -> list:
-    from PIL import Image
-
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape (N, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
-        arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
-    out = []
-    for i, im in enumerate(images):
-        if not isinstance(im, Image.Image):
-            raise TypeError(f"image {i} is a {type(im).__name__}; pass PIL images or one (N, 3, H, W) tensor")
-        out.append(im.convert("RGB"))
-    return out
 
 
 class GradedToyGenEvalReward(RewardModel):
