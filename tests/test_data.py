@@ -457,7 +457,7 @@ data, out, hf_cache = sys.argv[1:4]
 ds = PairwiseDataset(data, resolution=16, cache_dir=hf_cache)
 summary = build_cache(ds, Adapter(), out, batch_size=2, shard_size=1)  # rank / world size from accelerate
 # One write call per line: both processes share the pipe, and separate writes can interleave.
-sys.stdout.write(f"WROTE {summary['written']}\n")
+sys.stdout.write(f"WROTE {summary['written']}\\n")
 sys.stdout.flush()
 """
 
