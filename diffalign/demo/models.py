@@ -116,12 +116,12 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def family_of(pipe) -> str:
-    name = type(pipe).__name__
-    if "XL" in name:
-        return "sdxl"
-    if "3" in name:
-        return "sd3"
-    raise ValueError(f"the demo supports SDXL- and SD3-family pipelines, got {name}")
+    from diffalign.families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
+    if family not in ("sdxl", "sd3"):
+        raise ValueError(f"the demo supports SDXL- and SD3-family pipelines, got {type(pipe).__name__}")
+    return family
 
 
 def load_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype):

@@ -21,37 +21,25 @@ the checker only knows toy-world metadata. Not differentiable: tensors are conve
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from diffalign.rewards.base import PreprocessConfig, RewardModel, register_reward
-from diffalign.toyworld.rewards import _to_pil
+from diffalign.toyworld.rewards import _to_pil, parse_prompt
 
 TOY_GENEVAL = "toy_geneval_graded"
 
 
-@lru_cache(maxsize=1)
-def _prompt_table() -> dict[str, dict]:
-    from diffalign.toyworld import scenes
-
-    table = {}
-    for task in scenes.TASKS:
-        for row in scenes.all_rows(task):
-            table[row["prompt"]] = row
-    return table
-
-
 def metadata_for_prompt(prompt: str) -> dict:
-    """The GenEval metadata row of a toy-grammar prompt."""
-    row = _prompt_table().get(prompt.strip())
-    if row is None:
+    """The GenEval metadata row of a toy-grammar prompt (ValueError for any other prompt)."""
+    try:
+        return parse_prompt(prompt)
+    except ValueError:
         raise ValueError(
             f"{prompt!r} is not a toy-world prompt; the exact checker scores prompts of the toy grammar only "
             "(diffalign.toyworld.scenes, e.g. 'a photo of a red circle and a blue square')"
-        )
-    return row
+        ) from None
 
 
 def sub_questions(metadata: dict) -> list[dict]:
