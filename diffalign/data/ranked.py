@@ -27,6 +27,15 @@ def _lengths(column: pa.ChunkedArray) -> np.ndarray:
     return lengths.to_numpy().astype(np.int64)
 
 
+def _flag_rows(issues: list[DataError], rows: np.ndarray, column: str, message, fix: str) -> None:
+    """Append one DataError per bad row; `message(row)` words what is wrong with that row.
+
+    The row checks find their bad rows vectorised; reporting them all here keeps every issue in the one
+    shape that `_apply_issues` sorts, raises or skips.
+    """
+    issues.extend(DataError(message(row), row=int(row), column=column, fix=fix) for row in rows)
+
+
 class RankedDataset(GroupDataset):
     """Syn-Pic style ranked groups. Items: pixel_values (k, 3, R, R), scores = phi (k,)."""
 
@@ -56,8 +65,8 @@ class RankedDataset(GroupDataset):
     def _check_rows(self, keep: np.ndarray, issues: list[DataError]) -> None:
         n_images = _lengths(arrow_column(self.hf, "images"))
         effective = n_images if self.max_k is None else np.minimum(n_images, self.max_k)
-        for row in np.flatnonzero(n_images < 0):
-            issues.append(DataError("images is null.", row=int(row), column="images", fix=bad_row_fix()))
+        null_images = np.flatnonzero(n_images < 0)
+        _flag_rows(issues, null_images, "images", lambda row: "images is null.", bad_row_fix())
         counts = np.bincount(effective[effective >= 0]) if (effective >= 0).any() else np.zeros(1, dtype=np.int64)
         self.k = int(np.argmax(counts))  # the most common group size; rows that differ are reported
         if self.k < 2:
@@ -66,69 +75,58 @@ class RankedDataset(GroupDataset):
                 column="images",
                 fix="regenerate the data with at least two images per prompt.",
             )
-        for row in np.flatnonzero((effective >= 0) & (effective != self.k)):
-            issues.append(
-                DataError(
-                    f"k mismatch: this row has {n_images[row]} images but the other rows have k={self.k}.",
-                    row=int(row),
-                    column="images",
-                    fix=f"regenerate the row, set max_k=<smallest k> to sub-sample every row to the same size, {SKIP_HINT}.",
-                )
-            )
-        for row in np.flatnonzero(pc.is_null(arrow_column(self.hf, "prompt")).to_numpy(zero_copy_only=False)):
-            issues.append(DataError("prompt is null.", row=int(row), column="prompt", fix=bad_row_fix()))
+        _flag_rows(
+            issues,
+            np.flatnonzero((effective >= 0) & (effective != self.k)),
+            "images",
+            lambda row: f"k mismatch: this row has {n_images[row]} images but the other rows have k={self.k}.",
+            f"regenerate the row, set max_k=<smallest k> to sub-sample every row to the same size, {SKIP_HINT}.",
+        )
+        null_prompts = np.flatnonzero(pc.is_null(arrow_column(self.hf, "prompt")).to_numpy(zero_copy_only=False))
+        _flag_rows(issues, null_prompts, "prompt", lambda row: "prompt is null.", bad_row_fix())
 
         phi = arrow_column(self.hf, "phi").combine_chunks()
         phi_len = _lengths(pa.chunked_array([phi]))
-        for row in np.flatnonzero((phi_len != n_images) & (n_images >= 0)):
-            issues.append(
-                DataError(
-                    f"phi has {phi_len[row] if phi_len[row] >= 0 else 'null'} values for {n_images[row]} images.",
-                    row=int(row),
-                    column="phi",
-                    fix=f"write one phi per image, {SKIP_HINT}.",
-                )
-            )
+        _flag_rows(
+            issues,
+            np.flatnonzero((phi_len != n_images) & (n_images >= 0)),
+            "phi",
+            lambda row: f"phi has {phi_len[row] if phi_len[row] >= 0 else 'null'} values for {n_images[row]} images.",
+            f"write one phi per image, {SKIP_HINT}.",
+        )
         values = pc.list_flatten(phi).cast(pa.float64()).to_numpy(zero_copy_only=False)
         parents = pc.list_parent_indices(phi).to_numpy()
         out_of_range = ~((values >= 0.0) & (values <= 1.0))  # NaN and null (NaN here) fail too
-        for row in np.unique(parents[out_of_range]):
-            bad = values[out_of_range & (parents == row)]
-            issues.append(
-                DataError(
-                    f"phi must lie in [0, 1] (win-count scores); found {bad.tolist()}.",
-                    row=int(row),
-                    column="phi",
-                    fix=f"recompute phi with diffalign.synth.win_count_scores, {SKIP_HINT}.",
-                )
-            )
+        _flag_rows(
+            issues,
+            np.unique(parents[out_of_range]),
+            "phi",
+            lambda row: "phi must lie in [0, 1] (win-count scores); "
+            f"found {values[out_of_range & (parents == row)].tolist()}.",
+            f"recompute phi with diffalign.synth.win_count_scores, {SKIP_HINT}.",
+        )
         if "rank" in self.columns:
             rank_len = _lengths(arrow_column(self.hf, "rank"))
-            for row in np.flatnonzero((rank_len >= 0) & (rank_len != n_images) & (n_images >= 0)):
-                issues.append(
-                    DataError(
-                        f"rank has {rank_len[row]} values for {n_images[row]} images.",
-                        row=int(row),
-                        column="rank",
-                        fix=f"write one rank per image, {SKIP_HINT}.",
-                    )
-                )
+            _flag_rows(
+                issues,
+                np.flatnonzero((rank_len >= 0) & (rank_len != n_images) & (n_images >= 0)),
+                "rank",
+                lambda row: f"rank has {rank_len[row]} values for {n_images[row]} images.",
+                f"write one rank per image, {SKIP_HINT}.",
+            )
         if "scores" in self.columns:
             scores = arrow_column(self.hf, "scores").combine_chunks()
-            inner = pc.list_flatten(scores)
-            inner_len = _lengths(pa.chunked_array([inner]))
-            parents = pc.list_parent_indices(scores).to_numpy()
-            wrong = inner_len != n_images[parents]
-            for row in np.unique(parents[wrong]):
-                issues.append(
-                    DataError(
-                        f"scores must be n_rewards x k; a reward row has {inner_len[wrong & (parents == row)][0]} "
-                        f"values for {n_images[row]} images.",
-                        row=int(row),
-                        column="scores",
-                        fix=f"write one score per image for every reward, {SKIP_HINT}.",
-                    )
-                )
+            inner_len = _lengths(pa.chunked_array([pc.list_flatten(scores)]))
+            score_parents = pc.list_parent_indices(scores).to_numpy()
+            wrong = inner_len != n_images[score_parents]
+            _flag_rows(
+                issues,
+                np.unique(score_parents[wrong]),
+                "scores",
+                lambda row: f"scores must be n_rewards x k; a reward row has "
+                f"{inner_len[wrong & (score_parents == row)][0]} values for {n_images[row]} images.",
+                f"write one score per image for every reward, {SKIP_HINT}.",
+            )
 
     def _read_columns(self) -> list[str]:
         optional = ("prompt_id", "user_id", "rank", "scores", "reward_names", "generator_ids", "seeds")
