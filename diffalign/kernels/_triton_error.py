@@ -36,6 +36,34 @@ CONFIG = {
 
 
 @triton.jit
+def _store_row_errors(
+    row,
+    total,
+    total_ref,
+    inv_D,
+    weight_ptr,
+    out_ptr,
+    out_ref_ptr,
+    mse_ptr,
+    HAS_REF: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+):
+    # The one epilogue of both forward paths (SPLIT == 1 in the forward kernel, else the finalize kernel), so
+    # they cannot drift apart: row sums -> means -> weighted errors. The unweighted mean goes to mse_ptr
+    # because the backward needs it for the weight gradient.
+    mse = total * inv_D
+    mse_ref = total_ref * inv_D
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + row).to(tl.float32)
+        tl.store(mse_ptr + row, mse)
+        mse = mse * w
+        mse_ref = mse_ref * w
+    tl.store(out_ptr + row, mse)
+    if HAS_REF:
+        tl.store(out_ref_ptr + row, mse_ref)
+
+
+@triton.jit
 def _error_fwd_kernel(
     pred_ptr,
     target_ptr,
@@ -78,16 +106,9 @@ def _error_fwd_kernel(
     total = tl.sum(acc, axis=0)
     total_ref = tl.sum(acc_ref, axis=0)
     if FINAL:
-        mse = total * inv_D
-        mse_ref = total_ref * inv_D
-        if HAS_WEIGHT:
-            w = tl.load(weight_ptr + row).to(tl.float32)
-            tl.store(mse_ptr + row, mse)
-            mse = mse * w
-            mse_ref = mse_ref * w
-        tl.store(out_ptr + row, mse)
-        if HAS_REF:
-            tl.store(out_ref_ptr + row, mse_ref)
+        _store_row_errors(
+            row, total, total_ref, inv_D, weight_ptr, out_ptr, out_ref_ptr, mse_ptr, HAS_REF, HAS_WEIGHT
+        )
     else:
         tl.store(partial_ptr + pid, total)
         if HAS_REF:
@@ -118,16 +139,9 @@ def _error_finalize_kernel(
         acc += tl.load(partial_ptr + base + i + offs, mask=mask, other=0.0)
         if HAS_REF:
             acc_ref += tl.load(partial_ref_ptr + base + i + offs, mask=mask, other=0.0)
-    mse = tl.sum(acc, axis=0) * inv_D
-    mse_ref = tl.sum(acc_ref, axis=0) * inv_D
-    if HAS_WEIGHT:
-        w = tl.load(weight_ptr + row).to(tl.float32)
-        tl.store(mse_ptr + row, mse)
-        mse = mse * w
-        mse_ref = mse_ref * w
-    tl.store(out_ptr + row, mse)
-    if HAS_REF:
-        tl.store(out_ref_ptr + row, mse_ref)
+    total = tl.sum(acc, axis=0)
+    total_ref = tl.sum(acc_ref, axis=0)
+    _store_row_errors(row, total, total_ref, inv_D, weight_ptr, out_ptr, out_ref_ptr, mse_ptr, HAS_REF, HAS_WEIGHT)
 
 
 @triton.jit
@@ -271,11 +285,7 @@ def _backward(pred2d, target2d, grad_out, weight, want_target_grad):
 class _PerSampleError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, weight, split):
-        pred2d, target2d = _rows(pred), _rows(target)
-        weight_c = weight.contiguous() if weight is not None else None
-        out, _, mse = _forward(pred2d, target2d, None, weight_c, split)
-        ctx.save_for_backward(pred2d, target2d, weight_c, mse)
-        ctx.shapes = (pred.shape, target.shape)
+        out, _ = _forward_for_autograd(ctx, pred, target, None, weight, split)
         return out
 
     @staticmethod
@@ -283,6 +293,20 @@ class _PerSampleError(torch.autograd.Function):
     def backward(ctx, grad_out):
         need_pred, need_target, need_weight = ctx.needs_input_grad[:3]
         return (*_input_grads(ctx, grad_out, need_pred, need_target, need_weight), None)
+
+
+def _forward_for_autograd(ctx, pred, target, ref, weight, split):
+    """Forward of both autograd Functions: launch on (N, D) views and save what `_input_grads` reads back.
+
+    One place for the save so that its layout always matches `_input_grads` (ref is never saved: its error
+    is a constant). Returns (out, out_ref or None).
+    """
+    pred2d, target2d = _rows(pred), _rows(target)
+    weight_c = weight.contiguous() if weight is not None else None
+    out, out_ref, mse = _forward(pred2d, target2d, None if ref is None else _rows(ref), weight_c, split)
+    ctx.save_for_backward(pred2d, target2d, weight_c, mse)
+    ctx.shapes = (pred.shape, target.shape)
+    return out, out_ref
 
 
 def _input_grads(ctx, grad_out, need_pred, need_target, need_weight):
@@ -314,11 +338,7 @@ def per_sample_error_pair_triton(policy_pred, ref_pred, target, weight=None, spl
 class _PerSampleErrorPair(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, ref, target, weight, split):
-        pred2d, target2d = _rows(pred), _rows(target)
-        weight_c = weight.contiguous() if weight is not None else None
-        out, out_ref, mse = _forward(pred2d, target2d, _rows(ref), weight_c, split)
-        ctx.save_for_backward(pred2d, target2d, weight_c, mse)
-        ctx.shapes = (pred.shape, target.shape)
+        out, out_ref = _forward_for_autograd(ctx, pred, target, ref, weight, split)
         ctx.mark_non_differentiable(out_ref)
         return out, out_ref
 
