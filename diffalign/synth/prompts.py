@@ -7,9 +7,10 @@ prompts are split into chunks or processes.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
+
+from diffalign._jsonl import iter_jsonl
 
 CLIP_MAX_TOKENS = 77
 
@@ -30,15 +31,7 @@ def load_prompts(source: str, field: str = "prompt", id_field: str | None = None
     elif source.endswith((".jsonl", ".json")):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"prompt file {source!r} does not exist")
-        rows = []
-        with open(source, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{source}:{line_no} is not valid JSON: {e}") from e
+        rows = [row for _, row in iter_jsonl(source, "{where} is not valid JSON: {error}")]
         texts, ids = _column(rows, field, id_field, source)
     elif source.endswith(".txt"):
         if not os.path.isfile(source):

@@ -9,10 +9,10 @@ Detector back-ends live in `diffalign.evaluation.detectors`.
 
 from __future__ import annotations
 
-import json
 import os
 from importlib import resources
 
+from diffalign._jsonl import iter_jsonl
 from diffalign.evaluation.geneval.rules import (
     COLORS,
     RELATIONS,
@@ -48,21 +48,12 @@ def _data_file(name: str):
 def read_metadata_file(path: str | os.PathLike) -> list[dict]:
     """Read a GenEval metadata JSONL file (one prompt record a line) and validate every record."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path}:{lineno} is not valid JSON ({e}); each line must be one prompt record."
-                ) from e
-            try:
-                validate_metadata(row)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from e
-            rows.append(row)
+    for lineno, row in iter_jsonl(path, "{where} is not valid JSON ({error}); each line must be one prompt record."):
+        try:
+            validate_metadata(row)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from e
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no prompt records.")
     return rows

@@ -7,10 +7,10 @@ correct when any of its images is (prompts are grouped by their metadata string)
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 
+from diffalign._jsonl import iter_jsonl
 from diffalign.evaluation.geneval.rules import TAGS
 
 REQUIRED = ("filename", "tag", "prompt", "correct", "reason", "metadata")
@@ -21,20 +21,13 @@ def read_results(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GenEval results not found: {path}; run `diffalign geneval evaluate` first.")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e}).") from e
-            missing = [k for k in REQUIRED if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno} lacks {missing}; is this a GenEval results.jsonl?")
-            if not isinstance(row["correct"], bool):
-                raise ValueError(f"{path}:{lineno}: 'correct' must be true/false, got {row['correct']!r}.")
-            rows.append(row)
+    for lineno, row in iter_jsonl(path, "{where} is not valid JSON ({error})."):
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno} lacks {missing}; is this a GenEval results.jsonl?")
+        if not isinstance(row["correct"], bool):
+            raise ValueError(f"{path}:{lineno}: 'correct' must be true/false, got {row['correct']!r}.")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path} holds no results.")
     return rows
