@@ -1,0 +1,137 @@
+"""Toy-world PPD efficacy run (diffalign.personalization.toyworld_ppd) with tiny budgets on the shipped toy-sdxl."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from diffalign.personalization import toyworld_ppd as T
+from diffalign.personalization.encoder import UserExample, interpolate_users
+
+TINY = dict(num_train_users=4, num_test_users=3, num_prompts=4, images_per_prompt=3, context_images=2, train_steps=3,
+            batch_size=4, eval_prompts=3, num_inference_steps=2, num_examples=(1, 2), specificity_examples=2,
+            alphas=(0.0, 0.5, 1.0))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ppd"))
+    return out, T.run_quickstart_ppd(out, seed=0, progress=False, **TINY)
+
+
+def test_results_have_required_keys_and_sane_ranges(run):
+    out, res = run
+    assert res["method"] == "ppd" and res["family"] == "sdxl" and res["seconds"] > 0
+    assert res == json.loads(json.dumps(res))  # JSON-able
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["win_rate"] == res["win_rate"]
+    own = res["win_rate"]["own"]
+    assert set(own) == {"1", "2"}
+    for s in [*own.values(), res["win_rate"]["other"], res["win_rate"]["own_vs_other"]]:
+        assert 0.0 <= s["mean"] <= 1.0 and s["se"] >= 0.0 and len(s["per_user"]) == 3
+        # ties count 1/2: every per-comparison outcome is 0, 1/2 or 1, so 2 * 3 images * mean is an integer
+        assert all(abs(2 * 3 * p - round(2 * 3 * p)) < 1e-9 for p in s["per_user"])
+    assert res["data"]["eval_images_per_model"] == 3
+    # Training really ran through the project trainer.
+    assert res["training"]["global_step"] == 3
+    assert np.isfinite(res["training"]["final_loss"])
+    # Every pair was labelled or counted as a tie: 4 users x 4 prompts x C(3, 2) pairs.
+    assert res["data"]["train_pairs"] + res["data"]["ties_dropped"] == 4 * 4 * 3
+
+
+def test_interpolation_endpoints_are_the_users_own_images(run):
+    _, res = run
+    it = res["interpolation"]
+    assert [p["alpha"] for p in it["points"]] == [0.0, 0.5, 1.0]
+    assert it["user_a"] != it["user_b"]
+    ns = str(it["num_examples"])
+    # alpha 0 is user A's own embedding, alpha 1 user B's: the same images as their own N=ns generations.
+    assert it["points"][0]["reward_a"] == pytest.approx(res["per_user"][it["user_a"]]["mean_reward"][ns])
+    assert it["points"][-1]["reward_b"] == pytest.approx(res["per_user"][it["user_b"]]["mean_reward"][ns])
+    assert isinstance(it["monotone_a"], bool) and isinstance(it["monotone_b"], bool)
+
+
+def test_rerun_reuses_the_cache_and_reproduces(run):
+    out, res = run
+    again = T.run_quickstart_ppd(out, seed=0, progress=False, **TINY)
+    assert again["win_rate"] == res["win_rate"]
+    assert again["interpolation"]["points"] == res["interpolation"]["points"]
+    assert again["training"]["final_loss"] == res["training"]["final_loss"]
+
+
+def test_heldout_users_are_disjoint_from_training_users():
+    cfg = T.ToyWorldPPDConfig(num_train_users=10, num_test_users=5, progress=False)
+    scales = {"size": 0.1, "warmth": 0.4, "centredness": 0.1}
+    train, test = T.split_population(cfg, scales)
+    assert len(train) == 10 and len(test) == 5
+    assert not {u.name for u in train} & {u.name for u in test}
+    assert not {u.direction for u in train} & {u.direction for u in test}
+    for u in train + test:
+        assert np.linalg.norm(u.direction) == pytest.approx(1.0)
+        assert u.weights["toy_taste_warm"] == 0.0 or u.weights["toy_taste_cool"] == 0.0  # warm or cool, never both
+        assert u.weights["toy_taste_large"] == pytest.approx(u.direction[0] / 0.1)
+    # Seeded: the same population again, another seed another one.
+    assert [u.direction for u in T.split_population(cfg, scales)[1]] == [u.direction for u in test]
+    cfg1 = T.ToyWorldPPDConfig(num_train_users=10, num_test_users=5, seed=1, progress=False)
+    assert [u.direction for u in T.split_population(cfg1, scales)[1]] != [u.direction for u in test]
+
+
+def _scenes(n):
+    from diffalign.toyworld import scenes
+
+    rng = np.random.default_rng(0)
+    return [scenes.render(scenes.sample_scene(scenes.sample_row(rng, "two_object"), rng)) for _ in range(n)]
+
+
+def test_user_reward_matches_the_registered_taste_rewards():
+    images = _scenes(6)
+    features = T.taste_features(images)
+    user = T.make_users(1, 3, "x", {"size": 0.1, "warmth": 0.4, "centredness": 0.1})[0]
+    pixels = torch.stack([T.to_tensor(im) for im in images])  # SyntheticUser scores (N, 3, H, W) in [-1, 1]
+    expected = user.synthetic_user().score(pixels, ["a photo of a circle and a square"] * 6).double().numpy()
+    np.testing.assert_allclose(user.reward(features), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_label_pairs_orders_by_reward_and_counts_ties():
+    features = np.array([[0.1, 1, 0, 0.5], [0.2, 1, 0, 0.5], [0.2, 1, 0, 0.5], [0.3, 0, 1, 0.4]], dtype=float)
+    user = T.ToyUser("u", (1.0, 0.0, 0.0), {"toy_taste_large": 1.0, "toy_taste_warm": 0.0, "toy_taste_cool": 0.0,
+                                            "toy_taste_centred": 0.0})
+    pairs, ties = T.label_pairs([user], features, [0, 0, 0, 1])
+    assert ties == {"u": 1}  # images 1 and 2 have the same size
+    assert sorted(pairs) == [("u", 1, 0), ("u", 2, 0)]
+
+
+def test_embeddings_depend_on_the_examples_and_interpolate_exactly():
+    cfg = T.ToyWorldPPDConfig(encoder="tiny", encoder_dim=32, progress=False)
+    enc = T.make_encoder(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.rand(3, 64, 64, generator=g) * 2 - 1 for _ in range(4)]
+    a = [UserExample("a photo of a circle", imgs[0], imgs[1])]
+    b = [UserExample("a photo of a circle", imgs[1], imgs[0])]  # the opposite judgement
+    with torch.no_grad():
+        ea, eb = enc(a), enc(b)
+    assert ea.shape == (cfg.num_tokens, 32)
+    assert not torch.allclose(ea, eb)
+    assert torch.equal(interpolate_users(ea, eb, 0.0), ea) and torch.equal(interpolate_users(ea, eb, 1.0), eb)
+    assert torch.allclose(interpolate_users(ea, eb, 0.5), (ea + eb) / 2)
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="tasks"):
+        T.ToyWorldPPDConfig(tasks=("nope",))
+    with pytest.raises(ValueError, match="num_test_users"):
+        T.ToyWorldPPDConfig(num_test_users=1)
+    with pytest.raises(ValueError, match="specificity_examples"):
+        T.ToyWorldPPDConfig(num_examples=(1, 2), specificity_examples=4)
+    with pytest.raises(ValueError, match="alphas"):
+        T.ToyWorldPPDConfig(alphas=(1.0, 0.0))
+    with pytest.raises(ValueError, match="tuning"):
+        T.ToyWorldPPDConfig(tuning="full")
+    with pytest.raises(ValueError, match="do not vary"):
+        T.taste_scales(np.ones((5, 4)))
+    user = T.ToyUser("u", (1.0, 0.0, 0.0), {"toy_taste_large": 1.0})
+    pool = {"features": np.ones((4, 4)), "prompt_index": [0, 0, 1, 1], "prompts": ["p"] * 4, "images": [None] * 4}
+    with pytest.raises(ValueError, match="decisive pair"):
+        T.heldout_examples(user, pool, 1, seed=0)
