@@ -306,3 +306,16 @@ def test_diffusers_folder_generator_matches_tiny_spec(tmp_path):
     assert all(np.array_equal(x, np.asarray(y)) for x, y in zip(arrays, from_tiny))
     np.testing.assert_allclose(np.asarray(alone[0]), arrays[1], atol=2)  # uint8; batching may flip a rounding
     assert not np.array_equal(arrays[0], arrays[1])
+
+
+def test_generator_scheduler_key_swaps_the_sampler():
+    """`scheduler=` rebuilds the pipeline's scheduler from its own config; a name that is not a diffusers
+    scheduler is an error that names it."""
+    from diffalign.synth import load_pipeline
+
+    spec = GeneratorSpec.parse("tiny:sdxl:1,steps=2,size=32,scheduler=DPMSolverMultistepScheduler")
+    pipe = load_pipeline(spec, "cpu")
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.beta_schedule == load_pipeline(GeneratorSpec.parse("tiny:sdxl:1"), "cpu").scheduler.config.beta_schedule
+    with pytest.raises(ValueError, match="'UNet2DModel' is not a diffusers scheduler"):
+        load_pipeline(GeneratorSpec.parse("tiny:sdxl:1,scheduler=UNet2DModel"), "cpu")

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     p.add_argument("--generator", action="append", dest="generators", metavar="SPEC",
                    help="'source[,id=..,steps=..,guidance=..,size=..|height=..,width=..,seed=..,seed_policy=per_prompt|fixed,"
-                        "n=images_per_prompt,batch_size=..,dtype=..,variant=..]'; source: diffusers id/path or "
+                        "n=images_per_prompt,batch_size=..,dtype=..,variant=..,scheduler=<diffusers class>]'; source: diffusers id/path or "
                         "tiny:sdxl[:seed] / tiny:sd3[:seed]. Repeat for each generator.")
     p.add_argument("--reward", action="append", dest="rewards", metavar="SPEC",
                    help="'name[,id=..,key=value..]' (keys go to diffalign.rewards.load). Repeat for each reward.")

@@ -58,6 +58,7 @@ class GeneratorSpec:
     batch_size: int = 4
     dtype: str | None = None  # float16 / bfloat16 / float32; default float32 on CPU, float16 on GPU
     variant: str | None = None
+    scheduler: str | None = None  # a diffusers scheduler class name, built from the pipeline's own config
     extra: dict = field(default_factory=dict)  # passed to the pipeline call (e.g. negative_prompt)
 
     def __post_init__(self):
@@ -121,6 +122,20 @@ def check_unique_ids(specs, what: str) -> None:
         raise ValueError(f"{what} ids {dup} are used more than once; give each an id=... in its spec")
 
 
+def swap_scheduler(pipe, name: str | None):
+    """Replace `pipe.scheduler` by the diffusers scheduler class `name`, configured from the current one
+    (same betas / shift / timestep spacing); None keeps the pipeline's own."""
+    if name is None:
+        return pipe
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DPMSolverMultistepScheduler, EulerDiscreteScheduler)")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
 def load_pipeline(spec: GeneratorSpec, device):
     """Build the pipeline for `spec` on `device` (one at a time: the caller frees it before the next)."""
     import torch
@@ -151,12 +166,12 @@ def load_pipeline(spec: GeneratorSpec, device):
         pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs, **null_components(spec.source))
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return swap_scheduler(pipe, spec.scheduler)
     if dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return swap_scheduler(pipe, spec.scheduler)
 
 
 def generate_images(pipe, spec: GeneratorSpec, prompts: list[str], seeds: list[int]):
