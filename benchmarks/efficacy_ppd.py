@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     for name in ("learning_rate", "beta", "guidance_scale", "user_dropout", "user_scale"):
         p.add_argument(f"--{name}", type=float, default=getattr(d, name))
     p.add_argument("--tuning", choices=["none", "lora"], default=d.tuning)
+    p.add_argument("--encoder", choices=["taste", "toy_clip"], default=d.encoder)
     p.add_argument("--tasks", nargs="+", default=list(d.tasks))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no_progress", action="store_true")

@@ -10,7 +10,7 @@ import torch
 from diffalign.personalization import toyworld_ppd as T
 from diffalign.personalization.encoder import UserExample, interpolate_users
 
-TINY = dict(num_train_users=4, num_test_users=3, num_prompts=4, images_per_prompt=3, context_images=2, train_steps=3,
+TINY = dict(num_train_users=4, num_test_users=4, num_prompts=4, images_per_prompt=3, context_images=2, train_steps=3,
             batch_size=4, eval_prompts=3, num_inference_steps=2, num_examples=(1, 2), specificity_examples=2,
             alphas=(0.0, 0.5, 1.0))
 
@@ -30,7 +30,7 @@ def test_results_have_required_keys_and_sane_ranges(run):
     own = res["win_rate"]["own"]
     assert set(own) == {"1", "2"}
     for s in [*own.values(), res["win_rate"]["other"], res["win_rate"]["own_vs_other"]]:
-        assert 0.0 <= s["mean"] <= 1.0 and s["se"] >= 0.0 and len(s["per_user"]) == 3
+        assert 0.0 <= s["mean"] <= 1.0 and s["se"] >= 0.0 and len(s["per_user"]) == 4
         # ties count 1/2: every per-comparison outcome is 0, 1/2 or 1, so 2 * 3 images * mean is an integer
         assert all(abs(2 * 3 * p - round(2 * 3 * p)) < 1e-9 for p in s["per_user"])
     assert res["data"]["eval_images_per_model"] == 3
@@ -62,10 +62,13 @@ def test_rerun_reuses_the_cache_and_reproduces(run):
 
 
 def test_heldout_users_are_disjoint_from_training_users():
-    cfg = T.ToyWorldPPDConfig(num_train_users=10, num_test_users=5, progress=False)
+    cfg = T.ToyWorldPPDConfig(num_train_users=10, num_test_users=6, progress=False)
     scales = {"size": 0.1, "warmth": 0.4, "centredness": 0.1}
     train, test = T.split_population(cfg, scales)
-    assert len(train) == 10 and len(test) == 5
+    assert len(train) == 10 and len(test) == 6
+    for users in (train, test):  # opposite pairs: the population has no user-independent preference
+        for a, b in zip(users[::2], users[1::2]):
+            np.testing.assert_allclose(a.direction, -np.array(b.direction))
     assert not {u.name for u in train} & {u.name for u in test}
     assert not {u.direction for u in train} & {u.direction for u in test}
     for u in train + test:
@@ -74,7 +77,7 @@ def test_heldout_users_are_disjoint_from_training_users():
         assert u.weights["toy_taste_large"] == pytest.approx(u.direction[0] / 0.1)
     # Seeded: the same population again, another seed another one.
     assert [u.direction for u in T.split_population(cfg, scales)[1]] == [u.direction for u in test]
-    cfg1 = T.ToyWorldPPDConfig(num_train_users=10, num_test_users=5, seed=1, progress=False)
+    cfg1 = T.ToyWorldPPDConfig(num_train_users=10, num_test_users=6, seed=1, progress=False)
     assert [u.direction for u in T.split_population(cfg1, scales)[1]] != [u.direction for u in test]
 
 
@@ -127,6 +130,10 @@ def test_bad_input_raises_clear_errors():
         T.ToyWorldPPDConfig(num_examples=(1, 2), specificity_examples=4)
     with pytest.raises(ValueError, match="alphas"):
         T.ToyWorldPPDConfig(alphas=(1.0, 0.0))
+    with pytest.raises(ValueError, match="antipodal"):
+        T.ToyWorldPPDConfig(num_train_users=5)
+    with pytest.raises(ValueError, match="encoder"):
+        T.ToyWorldPPDConfig(encoder="vit")
     with pytest.raises(ValueError, match="tuning"):
         T.ToyWorldPPDConfig(tuning="full")
     with pytest.raises(ValueError, match="do not vary"):
@@ -135,3 +142,18 @@ def test_bad_input_raises_clear_errors():
     pool = {"features": np.ones((4, 4)), "prompt_index": [0, 0, 1, 1], "prompts": ["p"] * 4, "images": [None] * 4}
     with pytest.raises(ValueError, match="decisive pair"):
         T.heldout_examples(user, pool, 1, seed=0)
+
+
+def test_taste_encoder_reads_the_examples_judgement():
+    images = _scenes(2)
+    px = [T.to_tensor(im) for im in images]
+    cfg = T.ToyWorldPPDConfig(encoder="taste", encoder_dim=32, progress=False)
+    enc = T.make_encoder(cfg).eval()
+    fwd = enc.example_features([UserExample("p", px[0], px[1])])
+    rev = enc.example_features([UserExample("p", px[1], px[0])])
+    f = T.taste_features(images)
+    np.testing.assert_allclose(fwd[0, :4].numpy(), f[0], atol=1e-6)  # chosen's tastes, then rejected's, then the difference
+    np.testing.assert_allclose(fwd[0, 8:].numpy(), f[0] - f[1], atol=1e-6)
+    assert torch.allclose(fwd[0, 8:], -rev[0, 8:])
+    with torch.no_grad():
+        assert not torch.allclose(enc([UserExample("p", px[0], px[1])]), enc([UserExample("p", px[1], px[0])]))

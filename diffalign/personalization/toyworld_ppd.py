@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffalign.personalization.encoder import UserExample, interpolate_users  # noqa: E402
+from diffalign.personalization.encoder import UserEncoder, UserExample, interpolate_users  # noqa: E402
 
 TASTES = ("toy_taste_large", "toy_taste_warm", "toy_taste_cool", "toy_taste_centred")
 AXES = ("size", "warmth", "centredness")
@@ -60,6 +60,10 @@ class ToyWorldPPDConfig:
     # users
     num_train_users: int = 24
     num_test_users: int = 6
+    # Users come in opposite pairs (d, -d). Training: no user-independent change of the model pleases the
+    # population on average, so only the user embedding can explain the labels. Held-out: a change that
+    # ignores the user cannot raise the mean win rate, so the measure credits personalization only.
+    antipodal_users: bool = True
     # data (prompts from the toy grammar; the default tasks leave colour free, so warmth can vary)
     tasks: tuple[str, ...] = DEFAULT_TASKS
     num_prompts: int = 48  # training prompts; every training user labels every pair of their images
@@ -72,7 +76,7 @@ class ToyWorldPPDConfig:
     tuning: str = "none"  # none: user attention + encoder head only; lora: LoRA co-trains
     lora_rank: int = 8
     num_context: int = 4  # context pairs per training user (held apart from its training pairs)
-    train_steps: int = 300
+    train_steps: int = 800
     batch_size: int = 8
     learning_rate: float = 1e-3
     beta: float = 2000.0
@@ -80,7 +84,7 @@ class ToyWorldPPDConfig:
     encoder_dim: int = 64
     num_tokens: int = 4
     user_scale: float = 1.0
-    encoder: str = "toy_clip"  # toy_clip (the shipped toy-world CLIP) or tiny (random open_clip, tests)
+    encoder: str = "taste"  # taste (the exact detector), toy_clip (the shipped toy-world CLIP) or tiny (random, tests)
     # evaluation
     num_examples: tuple[int, ...] = (1, 2, 4, 8)
     eval_prompts: int = 24
@@ -103,14 +107,19 @@ class ToyWorldPPDConfig:
             raise ValueError(f"tasks must be a non-empty subset of {scenes.TASKS}, got {self.tasks}")
         if self.tuning not in ("none", "lora"):
             raise ValueError(f"tuning must be 'none' or 'lora', got {self.tuning!r}")
-        if self.encoder not in ("toy_clip", "tiny"):
-            raise ValueError(f"encoder must be 'toy_clip' or 'tiny', got {self.encoder!r}")
+        if self.encoder not in ("toy_clip", "taste", "tiny"):
+            raise ValueError(f"encoder must be 'toy_clip', 'taste' or 'tiny', got {self.encoder!r}")
         for name in ("num_train_users", "num_prompts", "train_steps", "batch_size", "eval_prompts", "eval_seeds_per_prompt",
                      "num_inference_steps", "num_context", "encoder_dim", "num_tokens", "generate_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_test_users < 2:
             raise ValueError(f"num_test_users must be >= 2 (specificity and interpolation need two users), got {self.num_test_users}")
+        if self.antipodal_users and (self.num_train_users % 2 or self.num_test_users % 2 or self.num_test_users < 4):
+            raise ValueError(
+                "antipodal_users pairs every user with its opposite: num_train_users must be even and num_test_users even and "
+                f">= 4 (got {self.num_train_users}, {self.num_test_users}); or set antipodal_users=False"
+            )
         if self.images_per_prompt < 2 or self.context_images < 2:
             raise ValueError("images_per_prompt and context_images must be >= 2: a pair needs two images")
         if not self.num_examples or min(self.num_examples) < 1:
@@ -179,15 +188,21 @@ def taste_scales(features: np.ndarray) -> dict[str, float]:
     return {k: float(v) for k, v in s.items()}
 
 
-def make_users(n: int, seed: int, prefix: str, scales: dict[str, float]) -> list[ToyUser]:
-    """`n` users with seeded random directions over (size, warmth, centredness)."""
+def make_users(n: int, seed: int, prefix: str, scales: dict[str, float], antipodal: bool = False) -> list[ToyUser]:
+    """`n` users with seeded random directions over (size, warmth, centredness); with `antipodal`, users 2i and
+    2i + 1 have opposite directions (n must be even)."""
     if n < 1:
         raise ValueError(f"need at least one user, got {n}")
+    if antipodal and n % 2:
+        raise ValueError(f"antipodal users come in pairs: n must be even, got {n}")
     rng = np.random.default_rng([seed, sum(map(ord, prefix))])
     users = []
     for i in range(n):
-        d = rng.standard_normal(3)
-        d /= np.linalg.norm(d)
+        if antipodal and i % 2:
+            d = -np.array(users[-1].direction)
+        else:
+            d = rng.standard_normal(3)
+            d /= np.linalg.norm(d)
         w = {
             "toy_taste_large": d[0] / scales["size"],
             "toy_taste_warm": max(d[1], 0.0) / scales["warmth"],
@@ -200,8 +215,8 @@ def make_users(n: int, seed: int, prefix: str, scales: dict[str, float]) -> list
 
 def split_population(cfg: ToyWorldPPDConfig, scales: dict[str, float]) -> tuple[list[ToyUser], list[ToyUser]]:
     """Training and held-out users: different seeds, disjoint names and mixes."""
-    train = make_users(cfg.num_train_users, cfg.seed, "train", scales)
-    test = make_users(cfg.num_test_users, cfg.seed, "heldout", scales)
+    train = make_users(cfg.num_train_users, cfg.seed, "train", scales, antipodal=cfg.antipodal_users)
+    test = make_users(cfg.num_test_users, cfg.seed, "heldout", scales, antipodal=cfg.antipodal_users)
     seen = {tuple(np.round(u.direction, 9)) for u in train}
     if any(tuple(np.round(u.direction, 9)) in seen for u in test):  # pragma: no cover - measure-zero event
         raise RuntimeError("a held-out user has the same mix as a training user; change the seed")
@@ -330,13 +345,13 @@ class UserPairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
-        user, w, l = self.pairs[index]
+        user, win, lose = self.pairs[index]
         return {
-            "pixel_values": self.pixels[[w, l]],
-            "latents": self.latents[[w, l]],
+            "pixel_values": self.pixels[[win, lose]],
+            "latents": self.latents[[win, lose]],
             "scores": torch.tensor([1.0, 0.0]),
-            "prompt": self.prompts[w],
-            "prompt_id": f"{w}-{l}",
+            "prompt": self.prompts[win],
+            "prompt_id": f"{win}-{lose}",
             "user_id": user,
             "original_sizes": torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * 2),
             "crop_top_lefts": torch.zeros(2, 2, dtype=torch.int64),
@@ -357,8 +372,8 @@ def heldout_examples(user: ToyUser, pool: dict, n: int, seed: int) -> list[UserE
         if not decisive:
             continue
         i, j = decisive[int(rng.integers(len(decisive)))]
-        w, l = (i, j) if r[i] > r[j] else (j, i)
-        examples.append(UserExample(pool["prompts"][w], to_tensor(pool["images"][w]), to_tensor(pool["images"][l])))
+        win, lose = (i, j) if r[i] > r[j] else (j, i)
+        examples.append(UserExample(pool["prompts"][win], to_tensor(pool["images"][win]), to_tensor(pool["images"][lose])))
         if len(examples) == n:
             return examples
     raise ValueError(
@@ -367,10 +382,48 @@ def heldout_examples(user: ToyUser, pool: dict, n: int, seed: int) -> list[UserE
     )
 
 
+class TasteUserEncoder(UserEncoder):
+    """A user encoder whose frozen "backbone" is the toy world's exact detector: per example the four taste
+    values of the chosen and of the rejected image and their difference (12 numbers). The toy analogue of a
+    perfect perception model; the user's weights are still unknown to it and must be read off the examples
+    by the trainable `SetPooling` head."""
+
+    name = "toy_taste"
+
+    def __init__(self, dim: int = 64, num_tokens: int = 4, num_heads: int = 4):
+        super().__init__(3 * len(TASTES), dim, num_tokens, num_heads)
+        from diffalign.toyworld.detector import ToyWorldDetector
+
+        self.detector = ToyWorldDetector()
+
+    @torch.no_grad()
+    def example_features(self, examples) -> torch.Tensor:
+        from PIL import Image
+
+        from diffalign.personalization.encoder import _check_examples, _to_unit_tensor
+
+        _check_examples(examples)
+
+        def pil(image):
+            if isinstance(image, Image.Image):
+                return image.convert("RGB")
+            return Image.fromarray((_to_unit_tensor(image).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+        f = taste_features([pil(ex.chosen) for ex in examples] + [pil(ex.rejected) for ex in examples], self.detector)
+        chosen, rejected = f[: len(examples)], f[len(examples):]
+        out = torch.from_numpy(np.concatenate([chosen, rejected, chosen - rejected], axis=1)).float()
+        return out.to(next(self.head.parameters()).device)
+
+
 def make_encoder(cfg: ToyWorldPPDConfig):
-    """The `clip` user encoder on the shipped toy_clip model (frozen), with a fresh seeded head."""
+    """The user encoder `cfg.encoder` names, with a fresh head seeded by `cfg.seed`:
+    toy_clip = the `clip` back-end on the shipped toy_clip model (frozen); taste = `TasteUserEncoder`;
+    tiny = the `clip` back-end on a random tiny open_clip model (tests)."""
     from diffalign.personalization.encoder import ClipUserEncoder, tiny_clip_user_encoder
 
+    if cfg.encoder == "taste":
+        torch.manual_seed(cfg.seed)
+        return TasteUserEncoder(dim=cfg.encoder_dim, num_tokens=cfg.num_tokens)
     if cfg.encoder == "tiny":
         return tiny_clip_user_encoder(dim=cfg.encoder_dim, num_tokens=cfg.num_tokens, seed=cfg.seed)
     from diffalign.toyworld import toy_clip
@@ -470,7 +523,7 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
     min_pairs = cfg.num_context + 1
     train_set, hook, split = prepare_ppd(dataset, adapter.denoiser, encoder, num_context=cfg.num_context, min_pairs=min_pairs,
                                          test_fraction=0.0, user_dropout=cfg.user_dropout, seed=cfg.seed, user_scale=cfg.user_scale)
-    train_keys = ("tuning", "lora_rank", "num_context", "train_steps", "batch_size", "learning_rate", "beta", "user_dropout",
+    train_keys = ("antipodal_users", "tuning", "lora_rank", "num_context", "train_steps", "batch_size", "learning_rate", "beta", "user_dropout",
                   "encoder_dim", "num_tokens", "user_scale", "encoder", "num_train_users", "num_prompts", "images_per_prompt", "tasks")
     train_key = {"gen": gen_key, "seed": cfg.seed, **{k: getattr(cfg, k) for k in train_keys}}
     train_dir = os.path.join(out, f"train-seed{cfg.seed}-{_digest(train_key)}")
@@ -553,7 +606,8 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
             row["win_rate"][str(n)] = float(w.mean())
             row["mean_reward"][str(n)] = float(r.mean())
             row["reward_gain"][str(n)] = float((r - r_base).mean())
-        other = test_users[(k + 1) % len(test_users)]
+        # Another user: from the next pair when users are antipodal (not the exact opposite of this one).
+        other = test_users[(k + (2 if cfg.antipodal_users else 1)) % len(test_users)]
         r_own = u.reward(feats[(u.name, ns)])
         r_other = u.reward(feats[(other.name, ns)])
         other_vs_base.append(wins(r_other, r_base))
