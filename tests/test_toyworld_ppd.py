@@ -42,22 +42,25 @@ def test_results_have_required_keys_and_sane_ranges(run):
 
 
 def test_interpolation_endpoints_are_the_users_own_images(run):
-    _, res = run
-    it = res["interpolation"]
-    assert [p["alpha"] for p in it["points"]] == [0.0, 0.5, 1.0]
+    out, res = run
+    points, it = res["interpolation"], res["interpolation_summary"]
+    assert [p["alpha"] for p in points] == [0.0, 0.5, 1.0]
     assert it["user_a"] != it["user_b"]
+    assert it["cosine"] == pytest.approx(-1.0)  # the most opposed held-out users: an antipodal pair
     ns = str(it["num_examples"])
     # alpha 0 is user A's own embedding, alpha 1 user B's: the same images as their own N=ns generations.
-    assert it["points"][0]["reward_a"] == pytest.approx(res["per_user"][it["user_a"]]["mean_reward"][ns])
-    assert it["points"][-1]["reward_b"] == pytest.approx(res["per_user"][it["user_b"]]["mean_reward"][ns])
+    assert points[0]["reward_a"] == pytest.approx(res["per_user"][it["user_a"]]["mean_reward"][ns])
+    assert points[-1]["reward_b"] == pytest.approx(res["per_user"][it["user_b"]]["mean_reward"][ns])
     assert isinstance(it["monotone_a"], bool) and isinstance(it["monotone_b"], bool)
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["interpolation"]["points"] == points
 
 
 def test_rerun_reuses_the_cache_and_reproduces(run):
     out, res = run
     again = T.run_quickstart_ppd(out, seed=0, progress=False, **TINY)
     assert again["win_rate"] == res["win_rate"]
-    assert again["interpolation"]["points"] == res["interpolation"]["points"]
+    assert again["interpolation"] == res["interpolation"]
     assert again["training"]["final_loss"] == res["training"]["final_loss"]
 
 

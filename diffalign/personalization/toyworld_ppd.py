@@ -702,12 +702,19 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-QUICKSTART = dict(num_train_users=12, num_test_users=4, num_prompts=24, images_per_prompt=4, train_steps=120, batch_size=8,
+# The quickstart's budget: about 5 minutes on 2 CPU cores (12 training users, 4 held-out, 200 steps).
+QUICKSTART = dict(num_train_users=12, num_test_users=4, num_prompts=24, images_per_prompt=4, train_steps=200, batch_size=8,
                   eval_prompts=12, num_inference_steps=10)
 
 
 def run_quickstart_ppd(output_dir: str, seed: int = 0, progress: bool = True, **overrides) -> dict:
-    """A small PPD run in the toy world (a few minutes on 2 cores); the JSON-able results of `run_toyworld_ppd`."""
+    """A small PPD run in the toy world (about 5 minutes on 2 cores), JSON-able:
+
+    {"method": "ppd", "family": "sdxl", "win_rate": {"own": {"1": {"mean", "se", ...}, ...}, "other": {...},
+    "own_vs_other": {...}}, "interpolation": [{"alpha", "reward_a", "reward_a_se", "reward_b", "reward_b_se"}, ...],
+    "interpolation_summary": {users, monotonicity, ...}, "seconds": ..., ...} (the rest as `run_toyworld_ppd`)."""
     kwargs = {**QUICKSTART, **overrides}
     cfg = ToyWorldPPDConfig(output_dir=output_dir, seed=seed, progress=progress, **kwargs)
-    return run_toyworld_ppd(cfg)
+    results = run_toyworld_ppd(cfg)
+    summary = {k: v for k, v in results["interpolation"].items() if k != "points"}
+    return {**results, "interpolation": results["interpolation"]["points"], "interpolation_summary": summary}
