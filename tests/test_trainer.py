@@ -175,6 +175,24 @@ def test_sd3_rankdpo_runs(tmp_path, tuning):
         assert os.path.isfile(os.path.join(cfg.output_dir, "transformer", "config.json"))
 
 
+def test_sft_weight_adds_the_best_samples_error_to_the_preference_loss(tmp_path):
+    # Same seed, same draws: at step 1 (policy = reference) the anchored loss is the plain one plus w x the anchor.
+    kw = dict(pretrained_model_name_or_path="tiny:sd3", objective="rankdpo", dataset="synthetic:ranked:6:3", resolution=32,
+              max_train_steps=1)
+    PreferenceTrainer(tiny(tmp_path, "plain", **kw)).train()
+    PreferenceTrainer(tiny(tmp_path, "anchored", sft_weight=50.0, **kw)).train()
+    rows = {}
+    for name in ("plain", "anchored"):
+        with open(tmp_path / name / "losses.jsonl", encoding="utf-8") as f:
+            rows[name] = json.loads(f.readline())
+    assert "sft_anchor" not in rows["plain"] and rows["anchored"]["sft_anchor"] > 0
+    assert rows["anchored"]["loss"] == pytest.approx(rows["plain"]["loss"] + 50.0 * rows["anchored"]["sft_anchor"], rel=1e-5)
+    with pytest.raises(ValueError, match="sft_weight must be >= 0"):
+        tiny(tmp_path, sft_weight=-1.0)
+    with pytest.raises(ValueError, match="objective='sft' is SFT already"):
+        tiny(tmp_path, objective="sft", sft_weight=1.0)
+
+
 def test_precomputed_reference_gives_the_same_losses(tmp_path):
     # Two epochs (6 groups, 2 per step), prompt dropout on: every draw is keyed by (epoch, group).
     kw = dict(pretrained_model_name_or_path="tiny:sd3", objective="rankdpo", dataset="synthetic:ranked:6:3", resolution=32,

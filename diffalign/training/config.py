@@ -42,6 +42,9 @@ class TrainConfig:
     beta: float = 5000.0
     rank_weighting: str = "dcg"  # rankdpo: dcg / none
     discount_from: str = "true"  # rankdpo: true / predicted
+    # Adds sft_weight x the best sample's denoising error to a preference loss (DPO + NLL, as in RPO): it keeps
+    # the likelihood of preferred images from falling while the losers' rises. 0 = the plain objective.
+    sft_weight: float = 0.0
 
     # --- data ------------------------------------------------------------------------------
     dataset: str | None = None  # parquet folder/file, saved HF dataset, hub id, or synthetic:pairs / synthetic:ranked
@@ -154,6 +157,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.sft_weight > 0 and self.objective == "sft":
+            raise ValueError("sft_weight adds an SFT term to a preference objective; objective='sft' is SFT already")
         if not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.checkpointing_steps < 0 or self.validation_steps < 0:

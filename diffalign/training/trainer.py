@@ -530,6 +530,10 @@ class PreferenceTrainer:
             kwargs = {"weighting": cfg.rank_weighting, "discount_from": cfg.discount_from}
         beta = {} if cfg.loss_name == "sft" else {"beta": cfg.beta}
         loss, metrics = compute(cfg.loss_name, err_policy, err_ref, inputs["scores"], **beta, **kwargs)
+        if cfg.sft_weight > 0:
+            anchor, _ = compute("sft", err_policy, None, inputs["scores"])
+            loss = loss + cfg.sft_weight * anchor
+            metrics = {**metrics, "sft_anchor": anchor.detach()}
         return loss.float(), metrics
 
     def precompute_reference(self, start_step: int = 0) -> dict:
