@@ -175,3 +175,34 @@ def test_bad_config_and_missing_checkpoint_message(tmp_path, monkeypatch):
     monkeypatch.setattr(P, "CHECKPOINT_ROOT", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="--base"):
         Q.resolve_base("sd3", None, str(tmp_path))
+
+
+def test_method_ppd_runs_the_toy_ppd_study(monkeypatch, tmp_path, capsys):
+    """`--method ppd` hands the output folder, seed and base to the toy PPD study and prints its table."""
+    from diffalign.cli import main
+    from diffalign.personalization import toyworld_ppd
+
+    calls = []
+    fake = {"method": "ppd", "family": "sdxl", "seconds": 1.0,
+            "win_rate": {"own": {"4": {"mean": 0.8, "se": 0.05, "users_std": 0.1}}, "specificity_examples": 4,
+                         "other": {"mean": 0.4, "se": 0.05, "users_std": 0.1}, "own_vs_other": {"mean": 0.7, "se": 0.05, "users_std": 0.1}},
+            "interpolation": [{"alpha": 0.0, "reward_a": 1.0, "reward_a_se": 0.1, "reward_b": 0.0, "reward_b_se": 0.1}],
+            "interpolation_summary": {"user_a": "u0", "user_b": "u1", "cosine": 0.1, "reward_a_base": 0.5, "reward_b_base": 0.5,
+                                      "monotone_a": True, "monotone_b": True, "monotone_a_within_2se": True,
+                                      "monotone_b_within_2se": True}}
+
+    def run(output_dir, seed=0, progress=True, **overrides):
+        calls.append((output_dir, seed, progress, overrides))
+        return fake
+
+    monkeypatch.setattr(toyworld_ppd, "run_quickstart_ppd", run)
+    js = tmp_path / "ppd.json"
+    assert main(["quickstart", "--method", "ppd", "--seed", "3", "--base", "some/toy", "--output_dir", str(tmp_path / "o"),
+                 "--json", str(js), "--no_progress"]) == 0
+    assert calls == [(str(tmp_path / "o"), 3, False, {"base": "some/toy"})]
+    assert json.load(open(js)) == fake
+    assert "own examples, N=4" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="toy-sdxl only"):
+        Q.run_quickstart(Q.QuickstartConfig(method="ppd", family="sd3"))
+    with pytest.raises(ValueError, match="another user's"):
+        Q.run_quickstart(Q.QuickstartConfig(method="ppd", with_control=True))
