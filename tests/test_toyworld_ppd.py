@@ -29,10 +29,13 @@ def test_results_have_required_keys_and_sane_ranges(run):
         assert json.load(f)["win_rate"] == res["win_rate"]
     own = res["win_rate"]["own"]
     assert set(own) == {"1", "2"}
-    for s in [*own.values(), res["win_rate"]["other"], res["win_rate"]["own_vs_other"]]:
+    # Per user: 3 images with its own embedding; 3 x 3 images made from the 3 other held-out users' examples.
+    for s, n in [*((s, 3) for s in own.values()), (res["win_rate"]["other"], 9), (res["win_rate"]["own_vs_other"], 9)]:
         assert 0.0 <= s["mean"] <= 1.0 and s["se"] >= 0.0 and len(s["per_user"]) == 4
-        # ties count 1/2: every per-comparison outcome is 0, 1/2 or 1, so 2 * 3 images * mean is an integer
-        assert all(abs(2 * 3 * p - round(2 * 3 * p)) < 1e-9 for p in s["per_user"])
+        # ties count 1/2: every per-comparison outcome is 0, 1/2 or 1, so 2 * n * mean is an integer
+        assert all(abs(2 * n * p - round(2 * n * p)) < 1e-9 for p in s["per_user"])
+    for name, row in res["per_user"].items():
+        assert set(row["other_users"]) == set(res["per_user"]) - {name}
     assert res["data"]["eval_images_per_model"] == 3
     # Training really ran through the project trainer.
     assert res["training"]["global_step"] == 3

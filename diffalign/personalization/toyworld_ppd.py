@@ -18,8 +18,8 @@
 4. **Evaluation, held-out users only.** Embedding from the user's first N = 1/2/4/8 example pairs; images
    with that embedding and base images from the SAME prompts and noise seeds; win rate = share of
    (prompt, seed) where the user's own reward prefers the personalized image (ties count 1/2), with its
-   standard error. User specificity: the same user judges the images made from ANOTHER held-out user's 4
-   examples. Interpolation: embeddings (1 - a) e_A + a e_B between the two most opposed held-out users;
+   standard error. User specificity: the same user judges the images made from every OTHER held-out user's 4
+   examples (vs the base, and own vs other on the same prompt and noise). Interpolation: embeddings (1 - a) e_A + a e_B between the two most opposed held-out users;
    both users' mean rewards per a.
 
 Generated images are cached (their taste features, keyed by model, settings and embedding), so an
@@ -595,7 +595,7 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
     own_outcomes = {n: [] for n in cfg.num_examples}
     other_vs_base, own_vs_other = [], []
     ns = cfg.specificity_examples
-    for k, u in enumerate(test_users):
+    for u in test_users:
         r_base = u.reward(f_base)
         row = {"weights": u.weights, "direction": dict(zip(AXES, u.direction)), "describe": u.describe(), "win_rate": {},
                "mean_reward": {}, "reward_gain": {}, "base_mean_reward": float(r_base.mean())}
@@ -606,15 +606,23 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
             row["win_rate"][str(n)] = float(w.mean())
             row["mean_reward"][str(n)] = float(r.mean())
             row["reward_gain"][str(n)] = float((r - r_base).mean())
-        # Another user: from the next pair when users are antipodal (not the exact opposite of this one).
-        other = test_users[(k + (2 if cfg.antipodal_users else 1)) % len(test_users)]
+        # Specificity: this user judges the images made from EVERY other held-out user's examples (an
+        # unbiased draw of "another user"; with antipodal pairs the population has no mean preference).
         r_own = u.reward(feats[(u.name, ns)])
-        r_other = u.reward(feats[(other.name, ns)])
-        other_vs_base.append(wins(r_other, r_base))
-        own_vs_other.append(wins(r_own, r_other))
-        row.update(other_user=other.name, other_user_win_rate_vs_base=float(other_vs_base[-1].mean()),
-                   own_vs_other_win_rate=float(own_vs_other[-1].mean()),
-                   direction_cosine_with_other=float(np.dot(u.direction, other.direction)))
+        row["other_users"] = {}
+        vs_base, vs_own = [], []
+        for other in test_users:
+            if other is u:
+                continue
+            r_other = u.reward(feats[(other.name, ns)])
+            vs_base.append(wins(r_other, r_base))
+            vs_own.append(wins(r_own, r_other))
+            row["other_users"][other.name] = {"cosine": float(np.dot(u.direction, other.direction)),
+                                              "win_rate_vs_base": float(vs_base[-1].mean()),
+                                              "own_vs_other_win_rate": float(vs_own[-1].mean())}
+        other_vs_base.append(np.concatenate(vs_base))
+        own_vs_other.append(np.concatenate(vs_own))
+        row.update(other_users_win_rate_vs_base=float(other_vs_base[-1].mean()), own_vs_other_win_rate=float(own_vs_other[-1].mean()))
         per_user[u.name] = row
 
     def summary_of(outcomes):
@@ -688,8 +696,8 @@ def format_table(results: dict) -> str:
     for n, s in w["own"].items():
         lines.append(f"{'  own examples, N=' + n:<50}{s['mean']:>8.3f}{s['se']:>8.3f}{s['users_std']:>11.3f}")
     ns = w["specificity_examples"]
-    for label, s in ((f"  another user's examples (N={ns}) vs base", w["other"]),
-                     (f"  own vs another user's examples (N={ns})", w["own_vs_other"])):
+    for label, s in ((f"  other users' examples (N={ns}) vs base", w["other"]),
+                     (f"  own vs other users' examples (N={ns})", w["own_vs_other"])):
         lines.append(f"{label:<50}{s['mean']:>8.3f}{s['se']:>8.3f}{s['users_std']:>11.3f}")
     it = results["interpolation"]
     lines.append(f"interpolation {it['user_a']} -> {it['user_b']} (cosine {it['cosine']:+.2f}); rewards in taste-std units")
