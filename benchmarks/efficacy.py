@@ -38,7 +38,7 @@ def run_key(cfg: Q.QuickstartConfig) -> dict:
     """The settings a stored result depends on (a rerun with other settings starts afresh)."""
     keep = ("num_prompts", "guidances", "generators", "rewards", "synth_steps", "pairwise_mode", "tuning", "lora_rank",
             "train_steps", "groups_per_step", "learning_rate", "beta", "eval_per_task", "num_inference_steps", "guidance_scale",
-            "scheduler")
+            "synth_scheduler", "eval_scheduler")
     return json.loads(json.dumps({k: getattr(cfg, k) for k in keep}))
 
 
@@ -64,10 +64,10 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
     fcfg = dataclasses.replace(cfg, family=family, output_dir=work)
     rows = Q.eval_rows(cfg.eval_per_task)
     key = {"n": len(rows), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "seed": Q.EVAL_SEED,
-           "scheduler": cfg.scheduler, "model": digest}
+           "scheduler": cfg.eval_scheduler, "model": digest}
     t = time.perf_counter()
     base_eval = Q._cached_eval(os.path.join(work, f"eval-base-{digest}.json"), key,
-                               lambda: Q.evaluate(Q.load_base_pipeline(family, base_dir, cfg.scheduler), rows, fcfg, f"{family} base"))
+                               lambda: Q.evaluate(Q.load_base_pipeline(family, base_dir, cfg.eval_scheduler), rows, fcfg, f"{family} base"))
     fam["base"] = base_eval["summary"]
     fam["base_correct"] = base_eval["correct"]
     fam.setdefault("seconds", {})["eval_base"] = time.perf_counter() - t
@@ -89,7 +89,7 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
             train_dir = os.path.join(work, f"train-{method}-seed{seed}")
             trainer, summary = Q.train_stage(scfg, base_dir, synth, train_dir, objective, control=method == "control")
             train_s = time.perf_counter() - t
-            ev = Q.evaluate(Q.trained_pipeline(trainer, cfg.scheduler), rows, scfg, f"{family} seed{seed} {method}")
+            ev = Q.evaluate(Q.trained_pipeline(trainer, cfg.eval_scheduler), rows, scfg, f"{family} seed{seed} {method}")
             del trainer
             fam["runs"][f"{seed}/{method}"] = {
                 "summary": ev["summary"], "correct": ev["correct"], "objective": objective,
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
         p.add_argument(f"--{name}", type=float, default=getattr(d, name))
     p.add_argument("--guidances", type=float, nargs="+", default=list(d.guidances))
     p.add_argument("--tuning", choices=["lora", "full"], default=d.tuning)
-    p.add_argument("--scheduler", default=d.scheduler, help="diffusers scheduler class for synth and evaluation ('none' = the checkpoint's own)")
+    p.add_argument("--synth_scheduler", default=d.synth_scheduler, help="diffusers scheduler class for synth (default: the checkpoint's)")
+    p.add_argument("--eval_scheduler", default=d.eval_scheduler, help="diffusers scheduler class for evaluation ('none' = the checkpoint's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
@@ -187,7 +188,8 @@ def main(argv=None) -> int:
         tuning=args.tuning, lora_rank=args.lora_rank, train_steps=args.train_steps, groups_per_step=args.groups_per_step,
         learning_rate=args.learning_rate, beta=args.beta, eval_per_task=args.eval_per_task,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, progress=not args.no_progress,
-        scheduler=None if str(args.scheduler).lower() == "none" else args.scheduler,
+        synth_scheduler=None if str(args.synth_scheduler).lower() == "none" else args.synth_scheduler,
+        eval_scheduler=None if str(args.eval_scheduler).lower() == "none" else args.eval_scheduler,
     )
     state = {}
     if os.path.exists(args.json):

@@ -61,10 +61,9 @@ class QuickstartConfig:
     guidances: tuple[float, ...] = (2.0, 3.5, 5.0, 7.0)  # one generator per guidance scale (k = len)
     generators: list[str] = field(default_factory=list)  # extra generator specs (e.g. another training stage)
     rewards: list[str] | None = None  # None = toy_geneval_graded (+ toy_clip when registered)
-    synth_steps: int = 10
-    # DPM-Solver++ at 10 steps matches Euler at 20 on toy-GenEval (0.375 vs 0.381 on the 360 quickstart images)
-    # at half the cost; synth and every evaluation use it.
-    scheduler: str | None = "DPMSolverMultistepScheduler"
+    synth_steps: int = 20
+    synth_scheduler: str | None = None  # None = the checkpoint's own (Euler); measured: DPM-Solver++ 10-step training
+    # images made fine-tuning drift (random-label control -0.067 at 256 prompts / 160 steps), docs/quickstart.md
     pairwise_mode: str = "all_pairs"
     # 2. training
     tuning: str = "lora"
@@ -77,6 +76,9 @@ class QuickstartConfig:
     # 3. evaluation
     eval_per_task: int = 60
     num_inference_steps: int = 10
+    # DPM-Solver++ at 10 steps matches Euler at 20 on toy-GenEval (0.375 vs 0.381 on the 360 quickstart images,
+    # same noise) at half the cost.
+    eval_scheduler: str | None = "DPMSolverMultistepScheduler"
     guidance_scale: float = 5.0  # the shipped toy-sdxl's recommended scale
     eval_batch_size: int = 60
     grid_per_task: int = 2
@@ -220,7 +222,7 @@ def generator_specs(cfg: QuickstartConfig, base_dir: str) -> list[str]:
     for i, g in enumerate(cfg.guidances):
         seed = (cfg.seed * 16 + i) * 100_000
         spec = f"{base_dir},id=g{g:g},steps={cfg.synth_steps},guidance={g},size={IMAGE_SIZE},seed={seed},batch_size=32"
-        specs.append(spec + (f",scheduler={cfg.scheduler}" if cfg.scheduler else ""))
+        specs.append(spec + (f",scheduler={cfg.synth_scheduler}" if cfg.synth_scheduler else ""))
     for j, spec in enumerate(cfg.generators):
         if ",seed=" not in spec:
             spec += f",seed={(cfg.seed * 16 + len(cfg.guidances) + j) * 100_000}"
@@ -582,12 +584,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     rows = eval_rows(cfg.eval_per_task)
     show = grid_indices(rows, cfg.grid_per_task)
     eval_key = {"n": len(rows), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "seed": EVAL_SEED,
-                "scheduler": cfg.scheduler}
+                "scheduler": cfg.eval_scheduler}
 
     # Base evaluation (reused when the same checkpoint was evaluated with the same settings).
     evals: dict[str, dict] = {}
     with clock("eval_base"):
-        pipe = load_base_pipeline(cfg.family, base_dir, cfg.scheduler)
+        pipe = load_base_pipeline(cfg.family, base_dir, cfg.eval_scheduler)
         base = _cached_eval(os.path.join(out, f"eval-base-{digest}.json"), {**eval_key, "model": digest},
                             lambda: evaluate(pipe, rows, cfg, "eval base", show))
         if "images" not in base:  # cached verdicts: regenerate just the grid prompts (same seeds, same images)
@@ -613,7 +615,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         summaries[name] = {k: summary.get(k) for k in ("final_loss", "mean_loss_last_10", "median_step_time_s", "wall_time_s", "global_step")}
         curves[name] = read_losses(train_dir)
         with clock(f"eval_{name}"):
-            evals[name] = evaluate(trained_pipeline(trainer, cfg.scheduler), rows, cfg, f"eval {name}", show)
+            evals[name] = evaluate(trained_pipeline(trainer, cfg.eval_scheduler), rows, cfg, f"eval {name}", show)
         del trainer
 
     models = list(evals)
@@ -666,8 +668,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward", action="append", dest="rewards", default=None, metavar="SPEC",
                    help="reward specs (default: toy_geneval_graded, plus toy_clip when registered)")
     p.add_argument("--synth_steps", type=int, default=d.synth_steps)
-    p.add_argument("--scheduler", default=d.scheduler,
-                   help="diffusers scheduler class for synth and evaluation ('none' = the checkpoint's own)")
+    p.add_argument("--synth_scheduler", default=d.synth_scheduler,
+                   help="diffusers scheduler class for the Syn-Pic generators (default: the checkpoint's own)")
+    p.add_argument("--eval_scheduler", default=d.eval_scheduler,
+                   help="diffusers scheduler class for toy-GenEval ('none' = the checkpoint's own)")
     p.add_argument("--tuning", choices=["lora", "full"], default=d.tuning)
     p.add_argument("--lora_rank", type=int, default=d.lora_rank)
     p.add_argument("--train_steps", type=int, default=d.train_steps)
@@ -688,8 +692,9 @@ def config_from_args(args) -> QuickstartConfig:
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw["guidances"] = tuple(args.guidances)
     kw["progress"] = not args.no_progress
-    if isinstance(kw.get("scheduler"), str) and kw["scheduler"].lower() == "none":
-        kw["scheduler"] = None
+    for name in ("synth_scheduler", "eval_scheduler"):
+        if isinstance(kw.get(name), str) and kw[name].lower() == "none":
+            kw[name] = None
     return QuickstartConfig(**kw)
 
 
