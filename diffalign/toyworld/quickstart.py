@@ -62,8 +62,9 @@ class QuickstartConfig:
     generators: list[str] = field(default_factory=list)  # extra generator specs (e.g. another training stage)
     rewards: list[str] | None = None  # None = toy_geneval_graded (+ toy_clip when registered)
     synth_steps: int = 20
-    synth_scheduler: str | None = None  # None = the checkpoint's own (Euler); measured: DPM-Solver++ 10-step training
-    # images made fine-tuning drift (random-label control -0.067 at 256 prompts / 160 steps), docs/quickstart.md
+    # None = the checkpoint's own (Euler), the measured setting. The one run on DPM-Solver++ 10-step training images
+    # (with 4x the prompts and 2x the steps) drifted: random-label control -0.067 (docs/quickstart.md).
+    synth_scheduler: str | None = None
     pairwise_mode: str = "all_pairs"
     # 2. training
     tuning: str = "lora"
