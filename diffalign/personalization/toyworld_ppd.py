@@ -36,7 +36,7 @@ import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -94,7 +94,6 @@ class ToyWorldPPDConfig:
     # machinery
     threads: int | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from diffalign.toyworld import scenes
