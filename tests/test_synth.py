@@ -195,6 +195,18 @@ def test_end_to_end_interrupted_and_resumed_equals_clean_run(tmp_path):
     bad.generators[0].steps = 3
     with pytest.raises(ValueError, match="different"):
         run_synth(bad)
+    # A run written before the generator key `scheduler` existed still resumes (a missing key reads as its
+    # default), and a set value is still a different argument.
+    stored_path = tmp_path / "resumed" / "synth_config.json"
+    stored = json.loads(stored_path.read_text())
+    for g in stored["generators"]:
+        del g["scheduler"]
+    stored_path.write_text(json.dumps(stored))
+    assert run_synth(_config(tmp_path, tmp_path / "resumed")).images_generated == 0
+    other = _config(tmp_path, tmp_path / "resumed")
+    other.generators[0].scheduler = "DPMSolverMultistepScheduler"
+    with pytest.raises(ValueError, match=r"different \['generators'\]"):
+        run_synth(other)
 
     # The data engineer's reader takes the output as is.
     data = pytest.importorskip("diffalign.data")

@@ -148,6 +148,21 @@ class _Chunk:
         return os.path.join(self.stash, f"scores-{r}.npy")
 
 
+def _with_spec_defaults(old: dict, new: dict) -> dict:
+    """A run written before a generator-spec key existed stored no value for it: read it as the key's default,
+    so that adding an option does not stop old runs from resuming."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GeneratorSpec) if f.default is not dataclasses.MISSING}
+    gens, fresh = old.get("generators"), new.get("generators")
+    if not (isinstance(gens, list) and isinstance(fresh, list) and len(gens) == len(fresh)):
+        return old
+    filled = []
+    for g, f in zip(gens, fresh):
+        if isinstance(g, dict) and isinstance(f, dict):
+            g = {**{k: defaults[k] for k in f if k not in g and k in defaults}, **g}
+        filled.append(g)
+    return {**old, "generators": filled}
+
+
 def _check_or_write_config(cfg: SynthConfig, prompts: list[Prompt], state) -> None:
     path = os.path.join(cfg.output_dir, CONFIG_FILE)
     fp = cfg.fingerprint(prompts)
@@ -158,6 +173,7 @@ def _check_or_write_config(cfg: SynthConfig, prompts: list[Prompt], state) -> No
                 old = json.load(f)
             # JSON round trip so tuples/ints compare as stored.
             new = json.loads(json.dumps(fp))
+            old = _with_spec_defaults(old, new)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff:
                 raise ValueError(f"{cfg.output_dir} holds a run with different {diff}; resume with the same "
