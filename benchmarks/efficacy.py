@@ -13,7 +13,7 @@ the same lists with the images shuffled within each list, i.e. with random label
 Reports, per family and method: mean ± std over seeds of toy-GenEval overall, the mean per-task change
 over the base, and the preference-specific gain (method - control, paired per seed; mean ± std over seeds
 and the mean paired standard error). Prints a table; writes JSON (resumable: finished runs are kept).
-The PPD part of issue 7 (held-out synthetic users, win rates) is not in this script yet.
+The PPD part of issue 7 (held-out synthetic users, win rates) is `benchmarks/efficacy_ppd.py`.
 """
 
 from __future__ import annotations
