@@ -63,8 +63,7 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
     fam.update(base_checkpoint=base_dir, base_digest=digest)
     fcfg = dataclasses.replace(cfg, family=family, output_dir=work)
     rows = Q.eval_rows(cfg.eval_per_task)
-    key = {"n": len(rows), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "seed": Q.EVAL_SEED,
-           "scheduler": cfg.eval_scheduler, "model": digest}
+    key = Q.eval_cache_key(cfg, len(rows), digest)
     t = time.perf_counter()
     base_eval = Q._cached_eval(os.path.join(work, f"eval-base-{digest}.json"), key,
                                lambda: Q.evaluate(Q.load_base_pipeline(family, base_dir, cfg.eval_scheduler), rows, fcfg, f"{family} base"))

@@ -532,6 +532,12 @@ class _Clock:
         return _Ctx()
 
 
+def eval_cache_key(cfg: QuickstartConfig, num_images: int, digest: str) -> dict:
+    """What a base evaluation depends on: a stored one with the same key is reused."""
+    return {"n": num_images, "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "seed": EVAL_SEED,
+            "scheduler": cfg.eval_scheduler, "model": digest}
+
+
 def _cached_eval(path: str, key: dict, make) -> dict:
     """Reuse an evaluation of the same model and settings; images are re-made only for the grid."""
     if os.path.exists(path):
@@ -584,14 +590,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     digest = checkpoint_digest(base_dir)
     rows = eval_rows(cfg.eval_per_task)
     show = grid_indices(rows, cfg.grid_per_task)
-    eval_key = {"n": len(rows), "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "seed": EVAL_SEED,
-                "scheduler": cfg.eval_scheduler}
 
     # Base evaluation (reused when the same checkpoint was evaluated with the same settings).
     evals: dict[str, dict] = {}
     with clock("eval_base"):
         pipe = load_base_pipeline(cfg.family, base_dir, cfg.eval_scheduler)
-        base = _cached_eval(os.path.join(out, f"eval-base-{digest}.json"), {**eval_key, "model": digest},
+        base = _cached_eval(os.path.join(out, f"eval-base-{digest}.json"), eval_cache_key(cfg, len(rows), digest),
                             lambda: evaluate(pipe, rows, cfg, "eval base", show))
         if "images" not in base:  # cached verdicts: regenerate just the grid prompts (same seeds, same images)
             from diffalign.toyworld.pretrain import generate
