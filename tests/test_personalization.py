@@ -11,6 +11,7 @@ import torch
 
 from diffalign.personalization import (
     UserAttnProcessor,
+    UserExample,
     add_user_attention,
     interpolate_users,
     load_user_attention,
@@ -293,6 +294,58 @@ def test_classifier_free_guidance_gives_null_user_to_unconditional_half(base_pip
     seen.clear()
     pipe(generator=torch.Generator().manual_seed(0), guidance_scale=1.0, user_embedding=user[0], **GEN)
     assert seen == [[1.0]] * GEN["num_inference_steps"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_negative_user_conditions_the_unconditional_half(base_pipes, family):
+    model = copy.deepcopy(_denoiser(base_pipes[family]))
+    add_user_attention(model, encoder_dim=ENC_DIM, seed=0)
+    _perturb(model)
+    inputs = _inputs(family, batch=2)
+    first = {k: (v[:1] if torch.is_tensor(v) else {kk: vv[:1] for kk, vv in v.items()}) for k, v in inputs.items()}
+    second = {k: (v[1:] if torch.is_tensor(v) else {kk: vv[1:] for kk, vv in v.items()}) for k, v in inputs.items()}
+    user, negative = torch.randn(1, 3, ENC_DIM), torch.randn(1, 3, ENC_DIM)
+    with torch.no_grad():
+        with user_condition(model, negative):
+            uncond_negative = _run(model, first)
+        with user_condition(model, user):
+            cond_user = _run(model, second)
+        with user_condition(model, user, classifier_free_guidance=True, negative_user_embedding=negative):
+            both = _run(model, inputs)
+        uncond_null = _run(model, first)
+    torch.testing.assert_close(both[:1], uncond_negative, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1:], cond_user, atol=1e-5, rtol=1e-5)
+    assert (uncond_negative - uncond_null).abs().max() > 1e-4  # the negative user really changed that half
+    with pytest.raises(ValueError, match="classifier_free_guidance"):
+        with user_condition(model, user, negative_user_embedding=negative):
+            pass
+    with pytest.raises(ValueError, match="shape of user_embedding"):
+        with user_condition(model, user, classifier_free_guidance=True, negative_user_embedding=torch.randn(2, 3, ENC_DIM)):
+            pass
+
+
+def test_pipeline_negative_user(base_pipes, tiny_encoder):
+    pipe = _fresh(base_pipes, "sdxl")
+    add_user_attention(pipe.unet, encoder_dim=tiny_encoder.dim, seed=0)
+    _perturb(pipe.unet)
+    pipe.set_user_encoder(tiny_encoder.eval())
+    examples = _examples(3)
+    anti = [UserExample(ex.prompt, ex.rejected, ex.chosen) for ex in examples]
+    kw = dict(GEN, guidance_scale=3.0)
+
+    def run(**user):
+        return pipe(generator=torch.Generator().manual_seed(0), user_examples=examples, **user, **kw).images
+
+    null_negative = run()
+    by_examples = run(negative_user_examples=anti)
+    by_embedding = run(negative_user_embedding=pipe.encode_user(anti))
+    assert (by_examples == by_embedding).all() and abs(by_examples - null_negative).max() > 1e-4
+    with pytest.raises(ValueError, match="either"):
+        run(negative_user_examples=anti, negative_user_embedding=pipe.encode_user(anti))
+    with pytest.raises(ValueError, match="guidance_scale > 1"):
+        pipe(user_examples=examples, negative_user_examples=anti, **dict(GEN, guidance_scale=1.0))
+    with pytest.raises(ValueError, match="without a user"):
+        pipe(negative_user_examples=anti, **kw)
 
 
 def test_pipeline_user_arguments_and_errors(base_pipes, tiny_encoder):

@@ -88,6 +88,8 @@ class _UserState:
         self.layers = layers  # the Attention modules that carry a user branch
         self.embedding: torch.Tensor | None = None  # (Bu, T, encoder_dim)
         self.row_weight: torch.Tensor | None = None  # (Bu,) 0 = null user for that row
+        # (Bu, T, encoder_dim) user of the unconditional half under classifier-free guidance; None = null user
+        self.negative_embedding: torch.Tensor | None = None
         self.classifier_free_guidance = False
         self.scale_override: float | None = None
         self.enabled = True
@@ -319,9 +321,14 @@ def _pre_forward(model, args, kwargs):
     emb, weight = state.embedding, state.row_weight
     users = emb.shape[0]
     if state.classifier_free_guidance and batch == 2 * users:
-        # Pipelines concatenate [unconditional, conditional]: the unconditional half gets the null user.
-        emb = torch.cat([emb, emb])
-        weight = torch.cat([torch.zeros_like(weight), weight])
+        # Pipelines concatenate [unconditional, conditional]: the unconditional half gets the null user, or the
+        # negative user when one is given (guidance then pushes away from it, like a negative prompt).
+        if state.negative_embedding is None:
+            emb = torch.cat([emb, emb])
+            weight = torch.cat([torch.zeros_like(weight), weight])
+        else:
+            emb = torch.cat([state.negative_embedding.to(emb), emb])
+            weight = torch.cat([torch.ones_like(weight), weight])
     elif users == 1 and batch > 1:
         emb = emb.expand(batch, *emb.shape[1:])
         weight = weight.expand(batch)
@@ -348,6 +355,7 @@ def user_condition(
     row_weight: torch.Tensor | None = None,
     classifier_free_guidance: bool = False,
     scale: float | None = None,
+    negative_user_embedding: torch.Tensor | None = None,
 ):
     """Condition every forward of `model` inside the block on user embeddings.
 
@@ -356,6 +364,10 @@ def user_condition(
     user-embedding dropout. classifier_free_guidance: a model batch twice the embedding batch is
     [unconditional, conditional] and the unconditional half gets the null user (what the pipelines use).
     scale: overrides the layers' scale inside the block.
+    negative_user_embedding: with classifier_free_guidance, the user of the unconditional half (same shape as
+    user_embedding) instead of the null user. The guided prediction then moves away from it. Any effect the
+    user branch has for every user cancels in the guidance difference. A natural choice is the user's own
+    examples with chosen and rejected swapped.
 
     With activation checkpointing, call backward inside the block (or before the next forward): the
     recomputation reads the tokens of the last conditioned forward.
@@ -374,13 +386,27 @@ def user_condition(
     row_weight = torch.as_tensor(row_weight, dtype=torch.float32, device=user_embedding.device)
     if row_weight.shape != (user_embedding.shape[0],):
         raise ValueError(f"row_weight must have shape ({user_embedding.shape[0]},), got {tuple(row_weight.shape)}")
-    saved = (state.embedding, state.row_weight, state.classifier_free_guidance, state.scale_override)
+    if negative_user_embedding is not None:
+        if not classifier_free_guidance:
+            raise ValueError("negative_user_embedding needs classifier_free_guidance=True (it conditions the unconditional half)")
+        if negative_user_embedding.dim() == 2:
+            negative_user_embedding = negative_user_embedding.unsqueeze(0)
+        if negative_user_embedding.shape != user_embedding.shape:
+            raise ValueError(
+                f"negative_user_embedding must have the shape of user_embedding {tuple(user_embedding.shape)}, "
+                f"got {tuple(negative_user_embedding.shape)}"
+            )
+        if not torch.isfinite(negative_user_embedding).all():
+            raise ValueError("negative_user_embedding contains NaN or inf")
+    saved = (state.embedding, state.row_weight, state.classifier_free_guidance, state.scale_override, state.negative_embedding)
     state.embedding, state.row_weight = user_embedding, row_weight
     state.classifier_free_guidance, state.scale_override = classifier_free_guidance, scale
+    state.negative_embedding = negative_user_embedding
     try:
         yield model
     finally:
-        state.embedding, state.row_weight, state.classifier_free_guidance, state.scale_override = saved
+        (state.embedding, state.row_weight, state.classifier_free_guidance, state.scale_override,
+         state.negative_embedding) = saved
 
 
 @contextlib.contextmanager
