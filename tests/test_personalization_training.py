@@ -98,6 +98,58 @@ def test_ppd_hook_conditions_each_group_and_dropout_is_reproducible(encoder):
         hook.policy_context(model, dict(batch, user_ids=["u0", "zz", "u0", "u1"]))
 
 
+def test_ppd_hook_draws_fresh_contexts_per_batch(encoder):
+    import itertools
+
+    from diffalign.testing import tiny_sd3_pipeline
+
+    model = tiny_sd3_pipeline(0).transformer.requires_grad_(False)
+    contexts = _contexts(n_users=2, n=5)
+    hook = PPDConditioning(encoder, contexts, num_context=2, seed=1)
+    hook.attach(model)
+    # every embedding a 2-example draw of u0 can give (sorted order, as the draw keeps it)
+    feats = encoder.example_features(contexts["u0"])
+    with torch.no_grad():
+        subsets = {pair: encoder.pool(feats[list(pair)][None])[0] for pair in itertools.combinations(range(5), 2)}
+        everything = encoder.pool(feats[None])[0]
+
+    def condition(prompt_ids):
+        batch = {"user_ids": ["u0"] * len(prompt_ids), "prompt_ids": prompt_ids, "scores": torch.tensor([[1.0, 0.0]] * len(prompt_ids))}
+        with torch.no_grad(), hook.policy_context(model, batch):
+            return getattr(model, STATE_ATTR).embedding[0::2].clone()  # one row per group (k = 2)
+
+    drawn = torch.cat([condition([f"p{i}", f"q{i}"]) for i in range(6)])
+    matches = [next((pair for pair, e in subsets.items() if torch.allclose(row, e, atol=1e-5)), None) for row in drawn]
+    assert None not in matches  # each row is exactly the encoding of 2 of the user's 5 context examples
+    assert len(set(matches)) > 1  # and the draws differ between groups and batches
+    torch.testing.assert_close(condition(["p0", "q0"]), condition(["p0", "q0"]))  # a batch replays its draw
+    with torch.no_grad():  # outside training the user is encoded from all its examples
+        torch.testing.assert_close(hook.user_embeddings(["u0"])[0], everything)
+    with pytest.raises(ValueError, match="num_context"):
+        PPDConditioning(encoder, contexts, num_context=0)
+
+
+def test_prepare_ppd_context_pool(encoder):
+    from diffalign.personalization import prepare_ppd
+    from diffalign.personalization.toy import TwoUserPairs
+    from diffalign.testing import tiny_sd3_pipeline
+    from diffalign.training.config import TrainConfig
+
+    users = {f"u{i}": SyntheticUser(f"u{i}", {"toy_red" if i % 2 else "toy_blue": 1.0}) for i in range(4)}
+    data = TwoUserPairs(users, num_pairs=8, resolution=8, seed=0)
+    train, hook, split = prepare_ppd(data, tiny_sd3_pipeline(0).transformer, encoder, num_context=2, context_pool=5, min_pairs=6,
+                                     test_fraction=0.0, seed=0)
+    assert all(len(split.context_rows[u]) == 5 for u in split.train_users) and len(train) == 4 * (8 - 5)
+    assert hook.num_context == 2 and all(len(c) == 5 for c in hook.contexts.values())
+    with pytest.raises(ValueError, match="context_pool"):
+        prepare_ppd(data, tiny_sd3_pipeline(0).transformer, encoder, num_context=4, context_pool=3, min_pairs=6)
+    kw = dict(pretrained_model_name_or_path="x", objective="ppd", ppd_num_context=4, ppd_min_pairs=10)
+    assert TrainConfig(**kw, ppd_context_pool=9).ppd_context_pool == 9
+    for bad in (3, 10):
+        with pytest.raises(ValueError, match="ppd_context_pool"):
+            TrainConfig(**kw, ppd_context_pool=bad)
+
+
 def test_gradient_checkpointing_recomputes_with_the_user(encoder):
     """The trainer's order: reference pass, policy pass, leave the block, backward (recomputation)."""
     from diffalign.testing import tiny_sd3_pipeline

@@ -41,6 +41,10 @@ class PPDConditioning:
     """The trainer's conditioning hook for `objective: ppd`.
 
     contexts: user_id -> that user's context examples (held apart from its training pairs).
+    num_context: when set and a user has more context examples than this, every step conditions each
+    group on a fresh draw of `num_context` of them. With fixed contexts the encoder head only ever sees one
+    example set per training user and can learn user identities rather than how to read examples; the
+    draws make it generalize to unseen users. None = always all of them.
     user_dropout: probability that a group trains with the null user (its policy equals the
     reference there; useful when LoRA co-trains, so LoRA also learns the user-free preference).
     Dropout draws are a pure function of (seed, prompt_ids, user_ids) of the batch, so a resumed run
@@ -54,6 +58,7 @@ class PPDConditioning:
         user_dropout: float = 0.0,
         seed: int = 0,
         train_encoder_head: bool = True,
+        num_context: int | None = None,
     ):
         if not 0.0 <= user_dropout < 1.0:
             raise ValueError(f"user_dropout must be in [0, 1), got {user_dropout}")
@@ -62,8 +67,11 @@ class PPDConditioning:
         for user, examples in contexts.items():
             if len(examples) == 0:
                 raise ValueError(f"user {user!r} has no context examples")
+        if num_context is not None and num_context < 1:
+            raise ValueError(f"num_context must be >= 1 or None, got {num_context}")
         self.encoder = encoder
         self.contexts = dict(contexts)
+        self.num_context = num_context
         self.user_dropout = user_dropout
         self.seed = seed
         self.train_encoder_head = train_encoder_head
@@ -71,6 +79,7 @@ class PPDConditioning:
         self._features: dict[str, torch.Tensor] = {}  # frozen backbone features, computed once per user
         self.model = None
         self.null_rows = 0  # groups trained with the null user (dropout)
+        self._draw_key: int | None = None  # set while a training batch is conditioned (context draws)
 
     def attach(self, model, token_dim: int | None = None, scale: float = 1.0, seed: int | None = 0):
         """Install user attention on the denoiser (if missing); call before building the trainer."""
@@ -85,6 +94,8 @@ class PPDConditioning:
         if missing:
             raise KeyError(f"users without context examples: {missing[:5]}; split the data with split_users first")
         features = [self._user_features(u) for u in user_ids]
+        if self.num_context is not None and self._draw_key is not None:
+            features = self._draw(features, self._draw_key)
         stacked, mask = self.encoder.stack_features(features)
         device = next(self.encoder.head.parameters()).device
         return self.encoder.pool(stacked.to(device), mask.to(device))
@@ -95,13 +106,25 @@ class PPDConditioning:
             self._features[user] = self.cache.features(user, self.contexts[user])
         return self._features[user]
 
+    def _batch_digest(self, batch, salt: str = "") -> int:
+        # A pure function of (seed, prompt_ids, user_ids): a resumed run replays the same draws.
+        key = "|".join(map(str, batch.get("prompt_ids", []))) + "#" + "|".join(map(str, batch["user_ids"]))
+        return int(hashlib.sha256(f"{self.seed}:{salt}{key}".encode()).hexdigest()[:15], 16)
+
+    def _draw(self, features: list[torch.Tensor], digest: int) -> list[torch.Tensor]:
+        """Each row's user features restricted to a random `num_context` of its examples."""
+        g = torch.Generator().manual_seed(digest)
+        out = []
+        for f in features:
+            pick = torch.randperm(f.shape[0], generator=g)[: self.num_context]
+            out.append(f[pick.sort().values] if f.shape[0] > self.num_context else f)
+        return out
+
     def _keep(self, batch) -> torch.Tensor:
         b = len(batch["user_ids"])
         if self.user_dropout == 0.0:
             return torch.ones(b)
-        key = "|".join(map(str, batch.get("prompt_ids", []))) + "#" + "|".join(map(str, batch["user_ids"]))
-        digest = int(hashlib.sha256(f"{self.seed}:{key}".encode()).hexdigest()[:15], 16)
-        g = torch.Generator().manual_seed(digest)
+        g = torch.Generator().manual_seed(self._batch_digest(batch))
         keep = (torch.rand(b, generator=g) >= self.user_dropout).float()
         self.null_rows += int((keep == 0).sum())
         return keep
@@ -112,7 +135,11 @@ class PPDConditioning:
         if any(u is None for u in user_ids):
             raise ValueError("a PPD batch has rows without user_id; filter them out (split_users does)")
         k = batch["scores"].shape[1]
-        embedding = self.user_embeddings(list(user_ids))
+        self._draw_key = self._batch_digest(batch, "context:")
+        try:
+            embedding = self.user_embeddings(list(user_ids))
+        finally:
+            self._draw_key = None
         keep = self._keep(batch).to(embedding.device)
         return user_condition(model, embedding.repeat_interleave(k, dim=0), row_weight=keep.repeat_interleave(k))
 
@@ -327,8 +354,12 @@ def prepare_ppd(
     token_dim: int | None = None,
     user_scale: float = 1.0,
     train_encoder_head: bool = True,
+    context_pool: int | None = None,
 ):
     """Everything the trainer needs for `objective: ppd` from a pairwise data set with user ids.
+
+    context_pool: hold this many pairs per user apart instead of `num_context`, and condition every
+    training step on a fresh draw of `num_context` of them (see `PPDConditioning`). None = num_context.
 
     Returns (train_dataset, hook, split): the training users' non-context pairs (`UserPairs`, a Subset),
     the `PPDConditioning` hook with user attention installed on `denoiser`, and the `UserSplit` (its
@@ -348,10 +379,14 @@ def prepare_ppd(
             f"none of the {len(user_ids)} rows has a user_id; PPD needs pairs grouped by user (Pick-a-Pic v2 parquet with "
             "its user_id column, or dataset=synthetic:users for a smoke run)"
         )
-    split = split_users(user_ids, num_context=num_context, min_pairs=min_pairs, test_fraction=test_fraction, seed=seed, labels=labels)
+    pool = num_context if context_pool is None else context_pool
+    if pool < num_context:
+        raise ValueError(f"context_pool ({context_pool}) must be >= num_context ({num_context})")
+    split = split_users(user_ids, num_context=pool, min_pairs=min_pairs, test_fraction=test_fraction, seed=seed, labels=labels)
     contexts = contexts_from_dataset(dataset, UserSplit(split.train_users, [], {u: split.context_rows[u] for u in split.train_users}, {}))
     train = UserPairs(dataset, split.train_rows())
-    hook = PPDConditioning(encoder, contexts, user_dropout=user_dropout, seed=seed, train_encoder_head=train_encoder_head)
+    hook = PPDConditioning(encoder, contexts, user_dropout=user_dropout, seed=seed, train_encoder_head=train_encoder_head,
+                           num_context=num_context if pool > num_context else None)
     hook.attach(denoiser, token_dim=token_dim, scale=user_scale, seed=seed)
     return train, hook, split
 
@@ -398,7 +433,7 @@ def ppd_from_config(cfg, dataset, denoiser):
     return prepare_ppd(
         dataset, denoiser, encoder, num_context=cfg.ppd_num_context, min_pairs=cfg.ppd_min_pairs,
         test_fraction=cfg.ppd_test_fraction, user_dropout=cfg.ppd_user_dropout, seed=cfg.seed, token_dim=cfg.ppd_token_dim,
-        user_scale=cfg.ppd_user_scale, train_encoder_head=cfg.ppd_train_encoder_head,
+        user_scale=cfg.ppd_user_scale, train_encoder_head=cfg.ppd_train_encoder_head, context_pool=cfg.ppd_context_pool,
     )
 
 

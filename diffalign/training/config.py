@@ -89,6 +89,9 @@ class TrainConfig:
     ppd_token_dim: int | None = None  # width of the projected user tokens in the denoiser (None = text-token width)
     ppd_user_scale: float = 1.0  # scale of the user branch in every adapted attention layer
     ppd_num_context: int = 4  # context pairs per user (the paper: 4)
+    # Hold this many pairs per user apart and condition each step on a fresh draw of ppd_num_context of them
+    # (None = ppd_num_context, fixed contexts). Fresh draws make the encoder generalize to unseen users.
+    ppd_context_pool: int | None = None
     ppd_min_pairs: int = 8  # users with fewer pairs are filtered out
     ppd_test_fraction: float = 0.1  # share of users held out for evaluation (never trained on)
     ppd_user_dropout: float = 0.0  # share of groups trained with the null user
@@ -175,6 +178,11 @@ class TrainConfig:
                 raise ValueError(
                     f"ppd_num_context must be >= 1 and ppd_min_pairs > ppd_num_context (got {self.ppd_num_context}, "
                     f"{self.ppd_min_pairs}): every kept user needs context pairs plus training pairs"
+                )
+            if self.ppd_context_pool is not None and not self.ppd_num_context <= self.ppd_context_pool < self.ppd_min_pairs:
+                raise ValueError(
+                    f"ppd_context_pool must be >= ppd_num_context and < ppd_min_pairs (got {self.ppd_context_pool}; "
+                    f"ppd_num_context {self.ppd_num_context}, ppd_min_pairs {self.ppd_min_pairs})"
                 )
             if not 0.0 <= self.ppd_test_fraction < 1.0:
                 raise ValueError(f"ppd_test_fraction must be in [0, 1), got {self.ppd_test_fraction}")
