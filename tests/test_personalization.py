@@ -80,6 +80,22 @@ def _perturb(model, std=0.3, seed=0):
             w.copy_(torch.randn(w.shape, generator=g) * std)
 
 
+def _trained_user_model(base_pipes, family):
+    """A copy of the family's denoiser with user attention whose values are non-zero (as after training)."""
+    model = copy.deepcopy(_denoiser(base_pipes[family]))
+    add_user_attention(model, encoder_dim=ENC_DIM, seed=0)
+    _perturb(model)
+    return model
+
+
+def _halves(inputs):
+    """Split a batch-2 denoiser input into its first and second sample."""
+    def part(sl):
+        return {k: (v[sl] if torch.is_tensor(v) else {kk: vv[sl] for kk, vv in v.items()}) for k, v in inputs.items()}
+
+    return part(slice(0, 1)), part(slice(1, 2))
+
+
 def _layers(model):
     return getattr(model, STATE_ATTR).layers
 
@@ -266,12 +282,9 @@ def test_xformers_switch_keeps_user_attention(base_pipes, family, via, monkeypat
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_classifier_free_guidance_gives_null_user_to_unconditional_half(base_pipes, family):
-    model = copy.deepcopy(_denoiser(base_pipes[family]))
-    add_user_attention(model, encoder_dim=ENC_DIM, seed=0)
-    _perturb(model)
+    model = _trained_user_model(base_pipes, family)
     inputs = _inputs(family, batch=2)
-    single = {k: (v[1:] if torch.is_tensor(v) else {kk: vv[1:] for kk, vv in v.items()}) for k, v in inputs.items()}
-    first = {k: (v[:1] if torch.is_tensor(v) else {kk: vv[:1] for kk, vv in v.items()}) for k, v in inputs.items()}
+    first, single = _halves(inputs)
     user = torch.randn(1, 3, ENC_DIM)
     with torch.no_grad():
         uncond_base = _run(model, first)
@@ -298,12 +311,9 @@ def test_classifier_free_guidance_gives_null_user_to_unconditional_half(base_pip
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_negative_user_conditions_the_unconditional_half(base_pipes, family):
-    model = copy.deepcopy(_denoiser(base_pipes[family]))
-    add_user_attention(model, encoder_dim=ENC_DIM, seed=0)
-    _perturb(model)
+    model = _trained_user_model(base_pipes, family)
     inputs = _inputs(family, batch=2)
-    first = {k: (v[:1] if torch.is_tensor(v) else {kk: vv[:1] for kk, vv in v.items()}) for k, v in inputs.items()}
-    second = {k: (v[1:] if torch.is_tensor(v) else {kk: vv[1:] for kk, vv in v.items()}) for k, v in inputs.items()}
+    first, second = _halves(inputs)
     user, negative = torch.randn(1, 3, ENC_DIM), torch.randn(1, 3, ENC_DIM)
     with torch.no_grad():
         with user_condition(model, negative):
