@@ -86,12 +86,14 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None, help="toy-sdxl pipeline folder (default: the shipped checkpoint)")
     for name in ("num_train_users", "num_test_users", "num_prompts", "images_per_prompt", "context_images", "num_inference_steps",
                  "train_steps", "batch_size", "eval_prompts", "eval_seeds_per_prompt", "num_context", "encoder_dim",
-                 "num_tokens", "lora_rank"):
+                 "num_tokens", "lora_rank", "context_pool"):
         p.add_argument(f"--{name}", type=int, default=getattr(d, name))
-    for name in ("learning_rate", "beta", "guidance_scale", "user_dropout", "user_scale"):
+    for name in ("learning_rate", "beta", "guidance_scale", "user_dropout", "user_scale", "eval_user_scale", "sft_weight"):
         p.add_argument(f"--{name}", type=float, default=getattr(d, name))
     p.add_argument("--tuning", choices=["none", "lora"], default=d.tuning)
     p.add_argument("--encoder", choices=["taste", "toy_clip"], default=d.encoder)
+    p.add_argument("--negative_user", choices=["none", "swapped"], default=d.negative_user,
+                   help="unconditional-branch user when generating: the null user, or the user's examples swapped")
     p.add_argument("--tasks", nargs="+", default=list(d.tasks))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no_progress", action="store_true")

@@ -67,6 +67,60 @@ def test_rerun_reuses_the_cache_and_reproduces(run):
     assert again["training"]["final_loss"] == res["training"]["final_loss"]
 
 
+def test_evaluation_only_options_reuse_training_and_are_cached_apart(run):
+    out, res = run
+    scaled = T.run_quickstart_ppd(out, seed=0, progress=False, eval_user_scale=2.0, **TINY)
+    assert scaled["config"]["eval_user_scale"] == 2.0
+    assert scaled["training"] == res["training"]  # the trained user weights were reused, not retrained
+    (cache,) = [os.path.join(out, d, "eval-features-seed0.json") for d in os.listdir(out) if d.startswith("cache-")]
+    with open(cache) as f:
+        keys = list(json.load(f))
+    user_keys = [k for k in keys if k.startswith("user/")]
+    # scale-2 images are stored under their own keys, next to (not over) the scale-1 ones
+    assert any(k.endswith("/scale2") for k in user_keys) and any("/scale" not in k for k in user_keys)
+    negative = T.run_quickstart_ppd(out, seed=0, progress=False, negative_user="swapped", **TINY)
+    assert negative["training"] == res["training"] and negative["config"]["negative_user"] == "swapped"
+    with open(cache) as f:
+        keys = list(json.load(f))
+    # every user image set of the plain run was made again with a negative user, under its own key
+    plain = [k for k in keys if k.startswith("user/") and "/scale" not in k and "/negative" not in k]
+    with_negative = [k for k in keys if "/negative" in k]
+    assert len(with_negative) == len(plain) and {k.split("/negative")[0] for k in with_negative} == set(plain)
+
+
+def test_sft_weight_reaches_the_trainer(tmp_path):
+    res = T.run_quickstart_ppd(str(tmp_path), seed=0, progress=False, sft_weight=100.0, **TINY)
+    assert res["config"]["sft_weight"] == 100.0
+    # the trainer logs the anchor term only when it adds it to the loss
+    assert res["training"]["final_metrics"]["sft_anchor"] > 0.0
+
+
+def test_generate_passes_the_scaled_user_branch_to_the_pipeline():
+    seen = []
+
+    class FakePipe:
+        def __call__(self, **kw):
+            seen.append(kw)
+            return type("Out", (), {"images": [None] * len(kw["prompt"])})()
+
+    cfg = T.ToyWorldPPDConfig(user_scale=0.5, eval_user_scale=3.0, generate_batch_size=2, progress=False)
+    emb = torch.zeros(1, cfg.num_tokens, cfg.encoder_dim)
+    T.generate(FakePipe(), ["a photo of a ring"] * 3, [1, 2, 3], cfg, user_embedding=emb)
+    assert len(seen) == 2 and all(kw["user_scale"] == 1.5 and kw["user_embedding"] is emb for kw in seen)
+    T.generate(FakePipe(), ["a photo of a ring"], [1], cfg)  # the base: no user branch at all
+    assert "user_scale" not in seen[-1] and "user_embedding" not in seen[-1]
+    negative = torch.ones(1, cfg.num_tokens, cfg.encoder_dim)
+    T.generate(FakePipe(), ["a photo of a ring"], [1], cfg, user_embedding=emb, negative_embedding=negative)
+    assert seen[-1]["negative_user_embedding"] is negative
+
+
+def test_swapped_examples_are_the_opposite_judgements():
+    examples = [UserExample("p0", "a", "b"), UserExample("p1", "c", "d")]
+    anti = T.swapped(examples)
+    assert [(e.prompt, e.chosen, e.rejected) for e in anti] == [("p0", "b", "a"), ("p1", "d", "c")]
+    assert T.swapped(anti) == examples
+
+
 def test_heldout_users_are_disjoint_from_training_users():
     cfg = T.ToyWorldPPDConfig(num_train_users=10, num_test_users=6, progress=False)
     scales = {"size": 0.1, "warmth": 0.4, "centredness": 0.1}
@@ -142,6 +196,14 @@ def test_bad_input_raises_clear_errors():
         T.ToyWorldPPDConfig(encoder="vit")
     with pytest.raises(ValueError, match="tuning"):
         T.ToyWorldPPDConfig(tuning="full")
+    with pytest.raises(ValueError, match="sft_weight"):
+        T.ToyWorldPPDConfig(sft_weight=-1.0)
+    with pytest.raises(ValueError, match="negative_user"):
+        T.ToyWorldPPDConfig(negative_user="other")
+    with pytest.raises(ValueError, match="context_pool"):
+        T.ToyWorldPPDConfig(num_context=4, context_pool=3)
+    with pytest.raises(ValueError, match="eval_user_scale"):
+        T.ToyWorldPPDConfig(eval_user_scale=0.0)
     with pytest.raises(ValueError, match="do not vary"):
         T.taste_scales(np.ones((5, 4)))
     user = T.ToyUser("u", (1.0, 0.0, 0.0), {"toy_taste_large": 1.0})

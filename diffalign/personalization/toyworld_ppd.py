@@ -14,7 +14,10 @@
    counted. Held-out users label pairs of other prompts' images: those are their examples.
 3. **Training.** `prepare_ppd` (the project's PPD glue: context pairs held apart, `PPDConditioning`, user
    attention on every `attn2` of the UNet) and `PreferenceTrainer` with `objective: ppd`. The user encoder
-   is the `clip` back-end on the shipped `toy_clip` model (frozen), with a trainable `SetPooling` head.
+   (`cfg.encoder`) is the exact detector's taste values (`TasteUserEncoder`, default) or the `clip` back-end on
+   the shipped `toy_clip` model, frozen, with a trainable `SetPooling` head. Options measured in
+   docs/personalization.md ("Ablations"): `context_pool`, `sft_weight`, `tuning="lora"`, and the
+   evaluation-only `eval_user_scale` and `negative_user`.
 4. **Evaluation, held-out users only.** Embedding from the user's first N = 1/2/4/8 example pairs; images
    with that embedding and base images from the SAME prompts and noise seeds; win rate = share of
    (prompt, seed) where the user's own reward prefers the personalized image (ties count 1/2), with its
@@ -76,14 +79,26 @@ class ToyWorldPPDConfig:
     tuning: str = "none"  # none: user attention + encoder head only; lora: LoRA co-trains
     lora_rank: int = 8
     num_context: int = 4  # context pairs per training user (held apart from its training pairs)
+    # pairs per training user held apart; each step draws num_context of them (None = num_context, fixed)
+    context_pool: int | None = None
     train_steps: int = 800
     batch_size: int = 8
     learning_rate: float = 1e-3
     beta: float = 2000.0
+    # sft_weight x the chosen image's denoising error is added to the PPD loss (DPO + NLL). Plain DPO raises the
+    # error of both images of a pair, which degrades images and shrinks the detected objects for every user.
+    sft_weight: float = 0.0
     user_dropout: float = 0.0
     encoder_dim: int = 64
     num_tokens: int = 4
     user_scale: float = 1.0
+    # Scale of the user branch when generating (IP-Adapter's `scale`; `user_scale=` of the pipelines). It does
+    # not change training, so trained weights are reused across values.
+    eval_user_scale: float = 1.0
+    # The user of the unconditional half of classifier-free guidance when generating: "none" = the null user
+    # (the base), "swapped" = the user's own examples with chosen and rejected swapped (a negative user: what
+    # the branch does for every user cancels in the guidance difference). Evaluation only, like eval_user_scale.
+    negative_user: str = "none"
     encoder: str = "taste"  # taste (the exact detector), toy_clip (the shipped toy-world CLIP) or tiny (random, tests)
     # evaluation
     num_examples: tuple[int, ...] = (1, 2, 4, 8)
@@ -127,6 +142,14 @@ class ToyWorldPPDConfig:
             raise ValueError(f"specificity_examples={self.specificity_examples} must be one of num_examples {self.num_examples}")
         if len(self.alphas) < 2 or any(not 0.0 <= a <= 1.0 for a in self.alphas) or list(self.alphas) != sorted(self.alphas):
             raise ValueError(f"alphas must be increasing values in [0, 1] (at least two), got {self.alphas}")
+        if self.negative_user not in ("none", "swapped"):
+            raise ValueError(f"negative_user must be 'none' or 'swapped', got {self.negative_user!r}")
+        if not self.eval_user_scale > 0.0:
+            raise ValueError(f"eval_user_scale must be > 0, got {self.eval_user_scale}")
+        if self.context_pool is not None and self.context_pool < self.num_context:
+            raise ValueError(f"context_pool must be >= num_context ({self.num_context}), got {self.context_pool}")
+        if self.sft_weight < 0.0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if not 0.0 <= self.user_dropout < 1.0:
             raise ValueError(f"user_dropout must be in [0, 1), got {self.user_dropout}")
 
@@ -234,7 +257,8 @@ def _digest(obj) -> str:
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], seeds: list[int], cfg: ToyWorldPPDConfig, user_embedding=None, desc: str | None = None):
+def generate(pipe, prompts: list[str], seeds: list[int], cfg: ToyWorldPPDConfig, user_embedding=None, desc: str | None = None,
+             negative_embedding=None):
     """PIL images, one per (prompt, seed), with initial latents drawn from each seed (batching changes nothing)."""
     images = []
     bs = cfg.generate_batch_size
@@ -242,7 +266,9 @@ def generate(pipe, prompts: list[str], seeds: list[int], cfg: ToyWorldPPDConfig,
     for s in range(0, len(prompts), bs):
         gens = [torch.Generator().manual_seed(int(x)) for x in seeds[s : s + bs]]
         latents = torch.stack([torch.randn((4, IMAGE_SIZE // 2, IMAGE_SIZE // 2), generator=g) for g in gens])
-        kw = {} if user_embedding is None else {"user_embedding": user_embedding}
+        kw = {} if user_embedding is None else {"user_embedding": user_embedding, "user_scale": cfg.user_scale * cfg.eval_user_scale}
+        if negative_embedding is not None:
+            kw["negative_user_embedding"] = negative_embedding
         out = pipe(prompt=prompts[s : s + bs], height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=cfg.num_inference_steps,
                    guidance_scale=cfg.guidance_scale, latents=latents, **kw)
         images += out.images
@@ -379,6 +405,11 @@ def heldout_examples(user: ToyUser, pool: dict, n: int, seed: int) -> list[UserE
         f"held-out user {user.name} has only {len(examples)} example prompts with a decisive pair, fewer than {n}; "
         "raise context_images or lower max(num_examples)"
     )
+
+
+def swapped(examples: list[UserExample]) -> list[UserExample]:
+    """The same pairs with chosen and rejected exchanged: the examples of the opposite taste."""
+    return [dataclasses.replace(ex, chosen=ex.rejected, rejected=ex.chosen) for ex in examples]
 
 
 class TasteUserEncoder(UserEncoder):
@@ -519,12 +550,16 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
                              for s in range(0, len(pixels), 64)])
     dataset = UserPairDataset(pairs, pixels, latents, pool["prompts"])
     encoder = make_encoder(cfg)
-    min_pairs = cfg.num_context + 1
+    min_pairs = max(cfg.num_context, cfg.context_pool or 0) + 1
     train_set, hook, split = prepare_ppd(dataset, adapter.denoiser, encoder, num_context=cfg.num_context, min_pairs=min_pairs,
-                                         test_fraction=0.0, user_dropout=cfg.user_dropout, seed=cfg.seed, user_scale=cfg.user_scale)
+                                         test_fraction=0.0, user_dropout=cfg.user_dropout, seed=cfg.seed, user_scale=cfg.user_scale,
+                                         context_pool=cfg.context_pool)
     train_keys = ("antipodal_users", "tuning", "lora_rank", "num_context", "train_steps", "batch_size", "learning_rate", "beta", "user_dropout",
                   "encoder_dim", "num_tokens", "user_scale", "encoder", "num_train_users", "num_prompts", "images_per_prompt", "tasks")
     train_key = {"gen": gen_key, "seed": cfg.seed, **{k: getattr(cfg, k) for k in train_keys}}
+    for name in ("sft_weight", "context_pool"):  # only when set, so weights trained before these options existed stay valid
+        if getattr(cfg, name):
+            train_key[name] = getattr(cfg, name)
     train_dir = os.path.join(out, f"train-seed{cfg.seed}-{_digest(train_key)}")
     done_path = os.path.join(train_dir, "done.json")
     summary = {}
@@ -538,7 +573,7 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
         tcfg = TrainConfig(
             pretrained_model_name_or_path=base_dir, family="sdxl", objective="ppd", resolution=IMAGE_SIZE, tuning=cfg.tuning,
             lora_rank=cfg.lora_rank, train_batch_size=cfg.batch_size, max_train_steps=cfg.train_steps,
-            learning_rate=cfg.learning_rate, beta=cfg.beta, lr_scheduler="constant", adam_weight_decay=0.0, output_dir=train_dir,
+            learning_rate=cfg.learning_rate, beta=cfg.beta, sft_weight=cfg.sft_weight, lr_scheduler="constant", adam_weight_decay=0.0, output_dir=train_dir,
             checkpointing_steps=0, report_to="none", seed=cfg.seed, model_seed=cfg.seed, progress_bar=cfg.progress,
         )
         if os.path.exists(os.path.join(train_dir, "losses.jsonl")):
@@ -575,20 +610,26 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
 
         return cache.get(f"base/{eval_key}", make)
 
-    def user_features(embedding: torch.Tensor, desc: str):
-        key = f"user/{model_key}/{_digest(train_key) if cfg.tuning == 'none' else ''}/{eval_key}/{_digest(embedding)}"
-        return cache.get(key, lambda: taste_features(generate(ppipe, eval_prompts, eval_seeds, cfg, user_embedding=embedding, desc=desc)))
+    def user_features(embedding: torch.Tensor, desc: str, negative: torch.Tensor | None = None):
+        # Suffixes only for non-default settings, so caches written before these options existed stay valid.
+        scale = "" if cfg.eval_user_scale == 1.0 else f"/scale{cfg.eval_user_scale:g}"
+        neg = "" if negative is None else f"/negative{_digest(negative)}"
+        key = f"user/{model_key}/{_digest(train_key) if cfg.tuning == 'none' else ''}/{eval_key}/{_digest(embedding)}{scale}{neg}"
+        return cache.get(key, lambda: taste_features(generate(ppipe, eval_prompts, eval_seeds, cfg, user_embedding=embedding, desc=desc,
+                                                              negative_embedding=negative)))
 
     f_base = base_features()
-    embeddings = {}
+    embeddings, negatives = {}, {}
     with torch.no_grad():
         for u in test_users:
             for n in cfg.num_examples:
                 embeddings[(u.name, n)] = encoder(examples[u.name][:n]).detach()
+                if cfg.negative_user == "swapped":
+                    negatives[(u.name, n)] = encoder(swapped(examples[u.name][:n])).detach()
     feats = {}
     for u in tqdm(test_users, desc="held-out users", disable=not cfg.progress):
         for n in cfg.num_examples:
-            feats[(u.name, n)] = user_features(embeddings[(u.name, n)], f"{u.name} N={n}")
+            feats[(u.name, n)] = user_features(embeddings[(u.name, n)], f"{u.name} N={n}", negatives.get((u.name, n)))
 
     per_user = {}
     own_outcomes = {n: [] for n in cfg.num_examples}
@@ -638,9 +679,10 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
     ia, ib = np.unravel_index(np.argmin(cos + 2 * np.eye(len(test_users))), cos.shape)
     ua, ub = test_users[ia], test_users[ib]
     ea, eb = embeddings[(ua.name, ns)], embeddings[(ub.name, ns)]
+    na, nb = negatives.get((ua.name, ns)), negatives.get((ub.name, ns))
     interp, ra_all, rb_all = [], [], []
     for a in tqdm(cfg.alphas, desc="interpolation", disable=not cfg.progress):
-        f = user_features(interpolate_users(ea, eb, a), f"alpha={a:g}")
+        f = user_features(interpolate_users(ea, eb, a), f"alpha={a:g}", None if na is None else interpolate_users(na, nb, a))
         ra, rb = ua.reward(f), ub.reward(f)
         ra_all.append(ra)
         rb_all.append(rb)
