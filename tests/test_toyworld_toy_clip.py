@@ -43,3 +43,15 @@ def test_shipped_toy_clip_agrees_with_the_exact_checker():
     reward = R.load("toy_clip")
     res = T.agreement(reward, T.decisive_pairs(60, seed=7))
     assert res["n_pairs"] == 60 and res["overall"] >= 0.8, res
+
+
+def test_loading_trained_weights_does_not_claim_a_random_model(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        T.load_model()
+    assert "initialized randomly" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        T.build_model()  # a model for training from scratch: open_clip's warning is true there and stays
+    assert "initialized randomly" in caplog.text
+    assert not any(isinstance(f, T._DropRandomInitWarning) for f in logging.getLogger().filters)

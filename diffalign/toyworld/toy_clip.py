@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -54,13 +55,27 @@ def _register_config() -> None:
         open_clip.add_model_config(d)
 
 
-def build_model(seed: int = 0):
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def build_model(seed: int = 0, weights_follow: bool = False):
+    """A fresh toy_clip model and its tokenizer. weights_follow: the caller loads trained weights next, so
+    open_clip's "Model initialized randomly" warning would be false and is dropped."""
     import open_clip
 
     _register_config()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(MODEL_NAME, pretrained=None)
+    quiet = _DropRandomInitWarning() if weights_follow else None
+    if quiet:
+        logging.getLogger().addFilter(quiet)  # open_clip logs it on the root logger
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(MODEL_NAME, pretrained=None)
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
     return model, open_clip.get_tokenizer(MODEL_NAME)
 
 
@@ -240,7 +255,7 @@ def load_model(path: str = WEIGHTS_DIR):
     f = os.path.join(path, "open_clip_model.safetensors")
     if not os.path.exists(f):
         raise FileNotFoundError(f"no toy_clip weights at {f}; train them with `python -m diffalign.toyworld.toy_clip`")
-    model, tokenizer = build_model()
+    model, tokenizer = build_model(weights_follow=True)
     model.load_state_dict(load_file(f))
     return model.eval(), tokenizer
 
