@@ -171,6 +171,8 @@ def main(argv=None) -> int:
         p.add_argument(f"--{name}", type=float, default=getattr(d, name))
     p.add_argument("--guidances", type=float, nargs="+", default=list(d.guidances))
     p.add_argument("--tuning", choices=["lora", "full"], default=d.tuning)
+    p.add_argument("--reward", action="append", dest="rewards", default=None, metavar="SPEC",
+                   help="reward specs for synth, as in the quickstart (default: toy_geneval_graded, plus toy_clip)")
     p.add_argument("--synth_scheduler", default=d.synth_scheduler, help="diffusers scheduler class for synth (default: the checkpoint's)")
     p.add_argument("--eval_scheduler", default=d.eval_scheduler, help="diffusers scheduler class for evaluation ('none' = the checkpoint's)")
     p.add_argument("--threads", type=int, default=None)
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     cfg = Q.QuickstartConfig(
         output_dir=args.output_dir, num_prompts=args.num_prompts, guidances=tuple(args.guidances), synth_steps=args.synth_steps,
-        tuning=args.tuning, lora_rank=args.lora_rank, train_steps=args.train_steps, groups_per_step=args.groups_per_step,
+        tuning=args.tuning, rewards=args.rewards, lora_rank=args.lora_rank, train_steps=args.train_steps, groups_per_step=args.groups_per_step,
         learning_rate=args.learning_rate, beta=args.beta, eval_per_task=args.eval_per_task,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, progress=not args.no_progress,
         synth_scheduler=None if str(args.synth_scheduler).lower() == "none" else args.synth_scheduler,
