@@ -79,7 +79,6 @@ class PPDConditioning:
         self._features: dict[str, torch.Tensor] = {}  # frozen backbone features, computed once per user
         self.model = None
         self.null_rows = 0  # groups trained with the null user (dropout)
-        self._draw_key: int | None = None  # set while a training batch is conditioned (context draws)
 
     def attach(self, model, token_dim: int | None = None, scale: float = 1.0, seed: int | None = 0):
         """Install user attention on the denoiser (if missing); call before building the trainer."""
@@ -88,14 +87,15 @@ class PPDConditioning:
         self.model = model
         return model
 
-    def user_embeddings(self, user_ids: Sequence[str]) -> torch.Tensor:
-        """(B, T, D) embeddings with gradient into the encoder head; the backbone features are cached."""
+    def user_embeddings(self, user_ids: Sequence[str], draw: int | None = None) -> torch.Tensor:
+        """(B, T, D) embeddings with gradient into the encoder head; the backbone features are cached.
+        draw: a seed; each row then uses a random `num_context` of its user's examples (training). None = all."""
         missing = [u for u in user_ids if u not in self.contexts]
         if missing:
             raise KeyError(f"users without context examples: {missing[:5]}; split the data with split_users first")
         features = [self._user_features(u) for u in user_ids]
-        if self.num_context is not None and self._draw_key is not None:
-            features = self._draw(features, self._draw_key)
+        if draw is not None:
+            features = self._draw(features, draw)
         stacked, mask = self.encoder.stack_features(features)
         device = next(self.encoder.head.parameters()).device
         return self.encoder.pool(stacked.to(device), mask.to(device))
@@ -135,11 +135,8 @@ class PPDConditioning:
         if any(u is None for u in user_ids):
             raise ValueError("a PPD batch has rows without user_id; filter them out (split_users does)")
         k = batch["scores"].shape[1]
-        self._draw_key = self._batch_digest(batch, "context:")
-        try:
-            embedding = self.user_embeddings(list(user_ids))
-        finally:
-            self._draw_key = None
+        draw = self._batch_digest(batch, "context:") if self.num_context is not None else None
+        embedding = self.user_embeddings(list(user_ids), draw=draw)
         keep = self._keep(batch).to(embedding.device)
         return user_condition(model, embedding.repeat_interleave(k, dim=0), row_weight=keep.repeat_interleave(k))
 
