@@ -191,6 +191,20 @@ def test_ranked_groups_keep_order_and_phi(tmp_path, hf_cache):
     assert item["reward_names"] == ["r1", "r2"] and len(item["reward_scores"][0]) == 3
 
 
+def test_ranked_all_tied_lists_dropped_and_counted(tmp_path, hf_cache, caplog):
+    phi = [[1.0, 0.5, 0.0], [0.5, 0.5, 0.5], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]  # rows 1 and 3 rank nothing
+    path = write(ranked_table(phi=phi), tmp_path / "r.parquet")
+    with caplog.at_level(logging.INFO, logger="diffalign.data"):
+        ds = load_preference_dataset(path, resolution=16, cache_dir=hf_cache)
+    assert "dropped 2 all-tied lists" in caplog.text
+    assert ds.dropped_ties == 2 and [int(r) for r in ds.rows] == [0, 2] and ds.skipped_rows == 0
+    kept = load_preference_dataset(path, resolution=16, cache_dir=hf_cache, keep_ties=True)
+    assert kept.dropped_ties == 0 and len(kept) == 4
+    only_ties = write(ranked_table(n=2, phi=[[0.5] * 3, [1.0] * 3]), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match="2 tied"):
+        load_preference_dataset(only_ties, resolution=16, cache_dir=hf_cache)
+
+
 def test_ranked_max_k_subsample_is_seeded(tmp_path, hf_cache):
     path = write(ranked_table(k=5), tmp_path / "r.parquet")
     a = RankedDataset(path, resolution=8, max_k=3, seed=1, cache_dir=hf_cache)

@@ -138,6 +138,20 @@ def test_rank_dpo_ties_in_scores_get_zero_dcg_weight():
     assert loss.item() == 0.0
 
 
+def test_rank_dpo_tied_samples_form_no_pair():
+    # Samples 1 and 2 tie: without weighting they must not be trained in stored order, and the metrics count
+    # only the two real pairs (0 over 1, 0 over 2).
+    err_policy, err_ref = _errors(1, 3, seed=5)
+    scores = torch.tensor([[1.0, 0.5, 0.5]])
+    loss, metrics = rank_dpo(err_policy, err_ref, scores, beta=3.0, weighting="none")
+    s = err_policy - err_ref
+    expected = sum(-F.logsigmoid(-0.5 * 3.0 * (s[0, 0] - s[0, j])) for j in (1, 2))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert metrics["implicit_acc"].item() in (0.0, 0.5, 1.0)
+    all_tied, tied_metrics = rank_dpo(err_policy, err_ref, torch.full((1, 3), 0.5), weighting="none")
+    assert all_tied.item() == 0.0 and tied_metrics["implicit_acc"].item() == 0.0
+
+
 def test_sft_takes_best_sample():
     err_policy = torch.tensor([[0.3, 0.1, 0.2], [0.5, 0.6, 0.7]])
     scores = torch.tensor([[0.0, 1.0, 0.5], [0.2, 0.2, 0.1]])  # tie in row 1 -> first column

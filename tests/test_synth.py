@@ -210,8 +210,13 @@ def test_end_to_end_interrupted_and_resumed_equals_clean_run(tmp_path):
 
     # The data engineer's reader takes the output as is.
     data = pytest.importorskip("diffalign.data")
-    ds = data.load_preference_dataset(str(tmp_path / "resumed"), resolution=32)
+    ds = data.load_preference_dataset(str(tmp_path / "resumed"), resolution=32, keep_ties=True)
     assert len(ds) == 8 and ds.k == 2
+    # By default lists whose images all tie are dropped, and counted.
+    phi = [row["phi"] for row in read_synpic(str(tmp_path / "resumed")).to_pylist()]
+    tied = sum(len(set(p)) == 1 for p in phi)
+    default = data.load_preference_dataset(str(tmp_path / "resumed"), resolution=32)
+    assert default.dropped_ties == tied and len(default) == 8 - tied
     item = ds[0]
     assert tuple(item["pixel_values"].shape) == (2, 3, 32, 32)
 

@@ -32,7 +32,7 @@ def load_preference_dataset(
     source: Any, schema: str = "auto", *, split: str = "train", cache_dir: str | None = None, **kwargs
 ) -> GroupDataset:
     """Open `source` and build the dataset for its schema. kwargs go to PairwiseDataset / RankedDataset
-    (resolution, crop, random_flip, seed, skip_bad_rows, keep_ties for pairs, max_k for lists)."""
+    (resolution, crop, random_flip, seed, skip_bad_rows, keep_ties, max_k for lists)."""
     from diffalign.data.sources import _describe, arrow_columns
 
     name = _describe(source)
@@ -43,7 +43,6 @@ def load_preference_dataset(
         kwargs.pop("max_k", None)
         return PairwiseDataset(hf, source_name=name, **kwargs)
     if schema == "ranked":
-        kwargs.pop("keep_ties", None)
         return RankedDataset(hf, source_name=name, **kwargs)
     raise ValueError(f"schema must be 'auto', 'pairwise' or 'ranked', got {schema!r}.")
 

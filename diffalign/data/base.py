@@ -67,8 +67,9 @@ class GroupDataset(torch.utils.data.Dataset):
         self.rows = np.flatnonzero(keep)
         if len(self.rows) == 0:
             raise DataError(
-                f"no usable rows left in {self.source} ({self.num_source_rows} rows, {len(self.bad_rows)} bad).",
-                fix="check the data; see dataset.bad_rows for the reasons.",
+                f"no usable rows left in {self.source} ({self.num_source_rows} rows, {len(self.bad_rows)} bad, "
+                f"{getattr(self, 'dropped_ties', 0)} tied).",
+                fix="check the data; see dataset.bad_rows for the reasons (keep_ties=True keeps tied groups).",
             )
         self._view = self.hf.with_format("arrow", columns=self._read_columns())
         if self.bad_rows:
@@ -122,6 +123,15 @@ class GroupDataset(torch.utils.data.Dataset):
         for issue in issues:
             keep[issue.row] = False
             self.bad_rows.setdefault(int(issue.row), str(issue))
+
+    def _drop_ties(self, keep: np.ndarray, ties: np.ndarray, what: str) -> None:
+        """Drop tied groups (no preference, zero loss) unless `keep_ties`; the count is kept in `dropped_ties`."""
+        if self.keep_ties:
+            return
+        self.dropped_ties = int(ties.sum())
+        keep &= ~ties
+        if self.dropped_ties:
+            logger.info("dropped %d %s of %d rows; pass keep_ties=True to keep them", self.dropped_ties, what, self.num_source_rows)
 
     # ---- access ---------------------------------------------------------------------------------------------
     @property

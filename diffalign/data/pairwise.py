@@ -70,16 +70,7 @@ class PairwiseDataset(GroupDataset):
             nulls = pc.is_null(arrow_column(self.hf, name)).to_numpy(zero_copy_only=False)
             for row in np.flatnonzero(nulls):
                 issues.append(DataError("value is null.", row=int(row), column=name, fix=bad_row_fix()))
-        ties = label == 0.5
-        if not self.keep_ties:
-            self.dropped_ties = int(ties.sum())
-            keep &= ~ties
-            if self.dropped_ties:
-                logger.info(
-                    "dropped %d tied pairs (label_0 == 0.5) of %d; pass keep_ties=True to keep them with scores [0.5, 0.5]",
-                    self.dropped_ties,
-                    self.num_source_rows,
-                )
+        self._drop_ties(keep, label == 0.5, "tied pairs (label_0 == 0.5)")
 
     def _read_columns(self) -> list[str]:
         return list(PAIRWISE_COLUMNS) + [name for name in ("user_id", "prompt_id") if name in self.columns]

@@ -4,6 +4,8 @@ One row per prompt (see INTERFACES.md): prompt, prompt_id, images (k PNG bytes),
 reward_names (n), scores (n x k raw rewards), phi (k win-count scores in [0, 1]), rank (k, 1 = best).
 The image order is kept as stored; objectives rank by `scores` (phi), so no reordering is needed here.
 With `max_k`, rows with more than `max_k` images are sub-sampled (a seeded random subset, stored order kept).
+Lists whose phi are all equal rank nothing (RankDPO gives them zero weight); like tied pairs they are dropped by
+default and counted in `dropped_ties` (`keep_ties=True` keeps them).
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ class RankedDataset(GroupDataset):
 
     schema = "ranked"
 
-    def __init__(self, source: Any, *, max_k: int | None = None, **kwargs):
+    def __init__(self, source: Any, *, max_k: int | None = None, keep_ties: bool = False, **kwargs):
         if max_k is not None and int(max_k) < 2:
             raise ValueError(f"max_k must be >= 2 (a group needs at least two images), got {max_k}.")
         self.max_k = None if max_k is None else int(max_k)
         self.k = 0
+        self.keep_ties = bool(keep_ties)
+        self.dropped_ties = 0
         super().__init__(source, **kwargs)
 
     def _check_schema(self) -> None:
@@ -105,6 +109,11 @@ class RankedDataset(GroupDataset):
             f"found {values[out_of_range & (parents == row)].tolist()}.",
             f"recompute phi with diffalign.synth.win_count_scores, {SKIP_HINT}.",
         )
+        lo = np.full(len(phi), np.inf)
+        hi = np.full(len(phi), -np.inf)
+        np.minimum.at(lo, parents, values)
+        np.maximum.at(hi, parents, values)
+        self._drop_ties(keep, (phi_len >= 2) & (lo == hi), "all-tied lists (every phi equal)")
         if "rank" in self.columns:
             rank_len = _lengths(arrow_column(self.hf, "rank"))
             _flag_rows(
@@ -152,4 +161,4 @@ class RankedDataset(GroupDataset):
         return group
 
     def options(self) -> dict:
-        return {**super().options(), "max_k": self.max_k}
+        return {**super().options(), "max_k": self.max_k, "keep_ties": self.keep_ties}

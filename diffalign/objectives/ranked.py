@@ -1,6 +1,6 @@
 """RankDPO (Karthik et al. 2024): a listwise, DCG-weighted DPO over groups of k ranked samples.
 
-For every pair (i, j) where i ranks above j by the scores:
+For every pair (i, j) where i scores strictly above j (tied samples form no pair):
     Delta_ij * -logsigmoid(-0.5 * beta * (s_i - s_j)),   s = err_policy - err_ref
     Delta_ij = |G_i - G_j| * |1 / D(rank_i) - 1 / D(rank_j)|,  G = 2^phi - 1,  D(r) = log2(1 + r)
 The loss sums over pairs and averages over groups. With weighting="none" (Delta = 1) and k = 2 it is
@@ -58,8 +58,9 @@ def rank_dpo(
     scores = upcast(scores.to(err_policy.device))
     s = upcast(err_policy) - upcast(err_ref)
     true_ranks = ranks_from(scores)
-    # above[b, i, j]: sample i is ranked above sample j.
-    above = true_ranks[:, :, None] < true_ranks[:, None, :]
+    # above[b, i, j]: sample i scores strictly above sample j. Ties form no pair: DCG gives them zero weight anyway,
+    # and with weighting="none" the stored order would otherwise become a label; metrics would count coin flips.
+    above = scores[:, :, None] > scores[:, None, :]
     # Same operation order as Diffusion-DPO, (e_i - e_j) - (r_i - r_j), so k=2 reproduces it bit for bit.
     policy, ref = upcast(err_policy), upcast(err_ref)
     pair_logits = -0.5 * beta * ((policy[:, :, None] - policy[:, None, :]) - (ref[:, :, None] - ref[:, None, :]))
