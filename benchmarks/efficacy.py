@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidances", type=float, nargs="+", default=list(d.guidances))
     p.add_argument("--tuning", choices=["lora", "full"], default=d.tuning)
     p.add_argument("--reward", action="append", dest="rewards", default=None, metavar="SPEC",
-                   help="reward specs for synth, as in the quickstart (default: toy_geneval_graded, plus toy_clip)")
+                   help="reward specs for synth, as in the quickstart (default: toy_geneval_graded alone)")
     p.add_argument("--synth_scheduler", default=d.synth_scheduler, help="diffusers scheduler class for synth (default: the checkpoint's)")
     p.add_argument("--eval_scheduler", default=d.eval_scheduler, help="diffusers scheduler class for evaluation ('none' = the checkpoint's)")
     p.add_argument("--threads", type=int, default=None)

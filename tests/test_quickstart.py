@@ -53,8 +53,8 @@ def test_quickstart_end_to_end(toy_run, tmp_path):
     d = res["delta"]["method_vs_control"]["overall"]
     assert d == pytest.approx(res["aligned"]["overall"] - res["control"]["overall"])
 
-    # The data: k=2 lists scored by the exact checker, with DPO pairs exported from the same lists.
-    assert res["data"]["k"] == 2 and "toy_geneval_graded" in res["data"]["rewards"]
+    # The data: k=2 lists scored by the exact checker (the default, alone), with DPO pairs exported from the same lists.
+    assert res["data"]["k"] == 2 and res["data"]["rewards"] == ["toy_geneval_graded"]
     assert res["data"]["summary"]["lists"] == 6
     from diffalign.synth import read_synpic
 
