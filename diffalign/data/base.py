@@ -34,6 +34,8 @@ class GroupDataset(torch.utils.data.Dataset):
     """Base class; subclasses define the schema checks (`_check_schema`, `_check_rows`) and `_parse_row`."""
 
     schema: str = ""
+    keep_ties: bool = False  # subclasses with tie semantics take it as an argument
+    dropped_ties: int = 0  # tied groups dropped at load (see `_drop_ties`)
 
     def __init__(
         self,
@@ -68,7 +70,7 @@ class GroupDataset(torch.utils.data.Dataset):
         if len(self.rows) == 0:
             raise DataError(
                 f"no usable rows left in {self.source} ({self.num_source_rows} rows, {len(self.bad_rows)} bad, "
-                f"{getattr(self, 'dropped_ties', 0)} tied).",
+                f"{self.dropped_ties} tied).",
                 fix="check the data; see dataset.bad_rows for the reasons (keep_ties=True keeps tied groups).",
             )
         self._view = self.hf.with_format("arrow", columns=self._read_columns())

@@ -44,7 +44,8 @@ class PPDConditioning:
     num_context: when set and a user has more context examples than this, every step conditions each
     group on a fresh draw of `num_context` of them. With fixed contexts the encoder head only ever sees one
     example set per training user and can learn user identities rather than how to read examples; the
-    draws make it generalize to unseen users. None = always all of them.
+    draws are meant against that (on the toy PPD study they did not raise held-out win rates:
+    docs/personalization.md, "Ablations"). None = always all of them.
     user_dropout: probability that a group trains with the null user (its policy equals the
     reference there; useful when LoRA co-trains, so LoRA also learns the user-free preference).
     Dropout draws are a pure function of (seed, prompt_ids, user_ids) of the batch, so a resumed run

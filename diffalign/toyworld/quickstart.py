@@ -32,13 +32,10 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-logger = logging.getLogger("diffalign.quickstart")
 
 METHODS = ("rankdpo", "dpo", "sft", "ppd")
 FAMILIES = ("sdxl", "sd3")
@@ -235,9 +232,8 @@ def run_toy_synpic(cfg: QuickstartConfig, base_dir: str, root: str) -> dict:
     settings>`, so a rerun with the same settings resumes (or reuses) them and other settings get a new folder."""
     from diffalign.synth import SynthConfig, run_synth
 
-    rewards = list(cfg.rewards) if cfg.rewards else default_rewards()
-    if cfg.rewards:
-        default_rewards()  # register the toy rewards
+    defaults = default_rewards()  # also registers the toy rewards that --reward may name
+    rewards = list(cfg.rewards) if cfg.rewards else defaults
     specs = generator_specs(cfg, base_dir)
     key = json.dumps([checkpoint_digest(base_dir), [sp.replace(base_dir, "BASE") for sp in specs], rewards, cfg.num_prompts,
                       cfg.seed, cfg.pairwise_mode])

@@ -90,7 +90,8 @@ class TrainConfig:
     ppd_user_scale: float = 1.0  # scale of the user branch in every adapted attention layer
     ppd_num_context: int = 4  # context pairs per user (the paper: 4)
     # Hold this many pairs per user apart and condition each step on a fresh draw of ppd_num_context of them
-    # (None = ppd_num_context, fixed contexts). Fresh draws make the encoder generalize to unseen users.
+    # (None = ppd_num_context, fixed contexts). Meant to keep the encoder from memorising training users; no gain
+    # measured on the toy PPD study (docs/personalization.md, "Ablations").
     ppd_context_pool: int | None = None
     ppd_min_pairs: int = 8  # users with fewer pairs are filtered out
     ppd_test_fraction: float = 0.1  # share of users held out for evaluation (never trained on)
