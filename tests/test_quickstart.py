@@ -73,7 +73,10 @@ def test_quickstart_end_to_end(toy_run, tmp_path):
 
     lora = load_file(str(run_dir / "pytorch_lora_weights.safetensors"))
     assert any("lora_B" in k or "lora.up" in k for k in lora)
-    assert max(float(v.abs().max()) for k, v in lora.items() if "lora_B" in k or "lora.up" in k) > 0
+    moved = max(float(v.abs().max()) for k, v in lora.items() if "lora_B" in k or "lora.up" in k) > 0
+    # A list whose images all score the same carries no preference and no gradient: the weights move iff one does not.
+    summary = res["data"]["summary"]
+    assert moved == (summary["all_tied"] < summary["lists"])
 
     from PIL import Image
 

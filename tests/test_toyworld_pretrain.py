@@ -113,3 +113,60 @@ def test_shipped_checkpoints_load_generate_and_fit_the_budget():
     rows = [scenes.single_object_row(s) for s in scenes.SHAPES]
     images = P.generate(pipe, [r["prompt"] for r in rows], list(range(len(rows))), 10, 5.0)
     assert sum(score_images(images, rows)) >= 3
+
+
+def test_repeated_token_attention_equals_the_pipelines_zero_tokens():
+    # 77 CLIP tokens + 1 zero token weighted 256x must equal 77 + 256 zero tokens through the whole transformer.
+    torch.manual_seed(0)
+    m = P.toy_sd3_transformer().eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)  # zero-initialised output layers would make any two inputs agree
+    width = 2 * P.TEXT_HIDDEN
+    x, clip, pooled, t = torch.randn(2, 4, 16, 16), torch.randn(2, 77, width), torch.randn(2, width), torch.tensor([100.0, 900.0])
+    full = torch.cat([clip, torch.zeros(2, P.SD3_ZERO_TOKENS, width)], 1)
+    one = torch.cat([clip, torch.zeros(2, 1, width)], 1)
+    with torch.no_grad():
+        ref = m(hidden_states=x, timestep=t, encoder_hidden_states=full, pooled_projections=pooled).sample
+        m.set_attn_processor(P.RepeatedTokenJointAttnProcessor())
+        plain = m(hidden_states=x, timestep=t, encoder_hidden_states=full, pooled_projections=pooled).sample
+        fast = m(hidden_states=x, timestep=t, encoder_hidden_states=one, pooled_projections=pooled,
+                 joint_attention_kwargs={"last_token_repeats": P.SD3_ZERO_TOKENS}).sample
+        unweighted = m(hidden_states=x, timestep=t, encoder_hidden_states=one, pooled_projections=pooled).sample
+    torch.testing.assert_close(plain, ref)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
+    assert (unweighted - ref).abs().max() > 1e-3  # the weight matters: the check can fail
+
+
+def test_fast_sd3_generation_is_the_default_call():
+    import numpy as np
+
+    comps = P.build_components("sd3", seed=0)
+    for p in comps["transformer"].parameters():
+        p.data.normal_(0, 0.05)
+    pipe = P.make_pipeline("sd3", comps)
+
+    def run(**kw):
+        latents = torch.randn(2, *P.latent_shape(pipe), generator=torch.Generator().manual_seed(0))
+        return pipe(prompt=["a photo of a ring"] * 2, height=64, width=64, num_inference_steps=3, latents=latents,
+                    output_type="np", **kw).images
+
+    ref = run()
+    kw = P.fast_sd3_kwargs(pipe)
+    assert kw["max_sequence_length"] == 1
+    np.testing.assert_allclose(run(**kw), ref, atol=1e-5)
+    # SDXL, or a transformer with someone else's attention processors, is left alone.
+    assert P.fast_sd3_kwargs(P.make_pipeline("sdxl", P.build_components("sdxl"))) == {}
+
+
+def test_stored_half_loads_as_float32(tmp_path):
+    comps = P.build_components("sdxl", seed=0)
+    P.make_pipeline("sdxl", comps).save_pretrained(tmp_path)
+    P.store_half(str(tmp_path))
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / "text_encoder" / "model.safetensors"))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    pipe = P.load_toy_pipeline("sdxl", str(tmp_path))
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype, pipe.vae.dtype} == {torch.float32}
+    w = comps["unet"].conv_in.weight
+    torch.testing.assert_close(pipe.unet.conv_in.weight, w.half().float())

@@ -260,12 +260,15 @@ def _digest(obj) -> str:
 def generate(pipe, prompts: list[str], seeds: list[int], cfg: ToyWorldPPDConfig, user_embedding=None, desc: str | None = None,
              negative_embedding=None):
     """PIL images, one per (prompt, seed), with initial latents drawn from each seed (batching changes nothing)."""
+    from diffalign.toyworld.pretrain import latent_shape
+
     images = []
     bs = cfg.generate_batch_size
+    shape = latent_shape(pipe, IMAGE_SIZE)
     bar = tqdm(total=len(prompts), desc=desc, unit="img", disable=not cfg.progress or desc is None, leave=False)
     for s in range(0, len(prompts), bs):
         gens = [torch.Generator().manual_seed(int(x)) for x in seeds[s : s + bs]]
-        latents = torch.stack([torch.randn((4, IMAGE_SIZE // 2, IMAGE_SIZE // 2), generator=g) for g in gens])
+        latents = torch.stack([torch.randn(shape, generator=g) for g in gens])
         kw = {} if user_embedding is None else {"user_embedding": user_embedding, "user_scale": cfg.user_scale * cfg.eval_user_scale}
         if negative_embedding is not None:
             kw["negative_user_embedding"] = negative_embedding

@@ -2,13 +2,14 @@
 
 Two stages, both on freshly rendered toy scenes (an endless, seeded stream; no data set on disk):
 
-1. a small `AutoencoderKL` (64x64 RGB -> 32x32x4), reconstruction MSE + a small KL term; its
+1. a small `AutoencoderKL` (64x64 RGB -> 16x16x4), reconstruction MSE + a small KL term; its
    `scaling_factor` (and, for SD3, `shift_factor`) are measured on the trained latents;
 2. the denoiser and both CLIP text encoders, trained jointly from scratch with the frozen VAE:
    - toy-sdxl: `UNet2DConditionModel` with SDXL text_time micro-conditioning, epsilon prediction on the
      SDXL noise schedule; captions dropped to zero embeddings (as the pipeline's `force_zeros_for_empty_prompt`);
    - toy-sd3: `SD3Transformer2DModel`, rectified flow (x_t = (1-s) x0 + s noise, target noise - x0,
-     logit-normal s); captions dropped to the empty prompt (what the SD3 pipeline uses as negative).
+     logit-normal s); captions dropped to the empty prompt (what the SD3 pipeline uses as negative); the
+     pipeline's 256 zero T5 tokens enter as one weighted token (`RepeatedTokenJointAttnProcessor`, exact).
    Text is encoded exactly as the diffusers pipelines do (penultimate hidden states, pooled output),
    which a test checks against `pipeline.encode_prompt`.
 
@@ -37,7 +38,11 @@ from diffalign.toyworld import scenes
 CHECKPOINT_ROOT = os.path.join(os.path.dirname(__file__), "checkpoints")
 FAMILIES = ("sdxl", "sd3")
 IMAGE_SIZE = 64
-TEXT_HIDDEN = 12  # the 49,408-row embedding dominates each encoder's size: keep the width small
+LATENT_SIZE = 16  # a 3-level VAE: 64x64 images -> 16x16x4 latents, so the denoiser works on 256 positions
+# Wide enough to bind attributes and relations; the 49,408-row embedding sets each encoder's size
+# (48 x 49,408 x 2 B = 4.7 MB in fp16), so this is also what the checkpoint budget buys.
+TEXT_HIDDEN = 48
+TEXT_HEADS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +50,7 @@ TEXT_HIDDEN = 12  # the 49,408-row embedding dominates each encoder's size: keep
 # --------------------------------------------------------------------------------------------
 
 
-def toy_text_config(hidden_size: int = TEXT_HIDDEN):
+def toy_text_config(hidden_size: int = TEXT_HIDDEN, num_heads: int = TEXT_HEADS):
     from transformers import CLIPTextConfig
 
     from diffalign.tokenization import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE
@@ -57,7 +62,7 @@ def toy_text_config(hidden_size: int = TEXT_HIDDEN):
         pad_token_id=CLIP_EOS_ID,
         hidden_size=hidden_size,
         intermediate_size=4 * hidden_size,
-        num_attention_heads=2,
+        num_attention_heads=num_heads,
         num_hidden_layers=3,  # the pipelines read the penultimate layer: 2 layers shape the context
         projection_dim=hidden_size,
         max_position_embeddings=77,
@@ -72,9 +77,9 @@ def toy_vae(family: str):
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 32),  # two levels: latents are 1/2 of the image size
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64, 64),  # three levels: latents are 1/4 of the image size
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=16,
@@ -87,15 +92,16 @@ def toy_vae(family: str):
 def toy_unet():
     from diffusers import UNet2DConditionModel
 
+    # Attention only at 8x8 and 4x4: at 16x16 it cost 2.5x the whole step (benchmarks/toy_throughput.py).
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
+        sample_size=LATENT_SIZE,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64, 80),
+        block_out_channels=(48, 96, 128),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=16,
+        attention_head_dim=4,  # diffusers' name for the number of heads
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
@@ -106,22 +112,64 @@ def toy_unet():
     )
 
 
+SD3_PATCH = 2
+SD3_ZERO_TOKENS = 256  # the SD3 pipeline's default max_sequence_length: zero "T5" tokens without T5
+
+
 def toy_sd3_transformer():
     from diffusers import SD3Transformer2DModel
 
     return SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE // 2,
-        patch_size=2,
+        sample_size=LATENT_SIZE,
+        patch_size=SD3_PATCH,
         in_channels=4,
         out_channels=4,
-        num_layers=3,
+        num_layers=6,
         attention_head_dim=24,
         num_attention_heads=4,
         caption_projection_dim=96,
         joint_attention_dim=2 * TEXT_HIDDEN,
         pooled_projection_dim=2 * TEXT_HIDDEN,
-        pos_embed_max_size=IMAGE_SIZE // 4,
+        pos_embed_max_size=LATENT_SIZE // SD3_PATCH,
     )
+
+
+class RepeatedTokenJointAttnProcessor:
+    """SD3 joint attention where the last context token stands for `last_token_repeats` identical copies.
+
+    Without T5 the SD3 pipeline appends 256 zero tokens to the 77 CLIP tokens. Every layer treats tokens
+    independently except attention, and there n identical keys/values weigh like one key with its logit
+    raised by log(n). So training on 77 + 1 tokens with that bias computes exactly what the pipeline computes
+    on 77 + 256 (tests/test_toyworld.py checks it), at 142 instead of 397 tokens per toy image. Without the
+    keyword it is diffusers' plain joint attention, so evaluation through the pipeline is unchanged.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, last_token_repeats: int = 1):
+        b, n_img = hidden_states.shape[:2]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        bias = None
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (heads(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+            if last_token_repeats != 1:
+                bias = q.new_zeros(1, 1, 1, k.shape[2])
+                bias[..., -1] = float(np.log(last_token_repeats))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]).to(q.dtype)
+        if encoder_hidden_states is None:
+            return attn.to_out[1](attn.to_out[0](out))
+        out, context = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](out)), context
 
 
 def build_components(family: str, seed: int = 0) -> dict:
@@ -238,7 +286,8 @@ class PretrainConfig:
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-5
-    vae_from: str | None = None  # a saved toy pipeline or VAE folder to reuse instead of stage 1
+    vae_from: str | None = None  # a toy pipeline, VAE folder or another run's state_dir whose VAE replaces stage 1
+    init_from: str | None = None  # a saved toy pipeline to continue from (all weights; fresh optimizer and EMA)
     vae_calibration_images: int = 256  # images whose latents set scaling_factor / shift_factor
     # stage 2: denoiser + text encoders
     steps: int = 20000
@@ -329,6 +378,32 @@ def eval_rows(per_task: int) -> list[dict]:
     return rows
 
 
+def fast_sd3_kwargs(pipe) -> dict:
+    """Pipeline kwargs that compute the default SD3 call (256 zero T5 tokens) on one weighted zero token.
+
+    Exact (`RepeatedTokenJointAttnProcessor`), and about 3x faster for the toy model. Only for a T5-less SD3
+    pipeline whose attention is diffusers' plain joint attention; anything else (SDXL, custom processors
+    such as PPD's) gets no extra kwargs.
+    """
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or getattr(pipe, "text_encoder_3", None) is not None:
+        return {}
+    plain = (JointAttnProcessor2_0, RepeatedTokenJointAttnProcessor)
+    if not all(isinstance(p, plain) for p in transformer.attn_processors.values()):
+        return {}
+    transformer.set_attn_processor(RepeatedTokenJointAttnProcessor())
+    return {"max_sequence_length": 1, "joint_attention_kwargs": {"last_token_repeats": SD3_ZERO_TOKENS}}
+
+
+def latent_shape(pipe, image_size: int = IMAGE_SIZE) -> tuple[int, int, int]:
+    """(C, h, w) of the initial noise the pipeline draws for `image_size` images."""
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    side = image_size // pipe.vae_scale_factor
+    return (denoiser.config.in_channels, side, side)
+
+
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float, batch_size: int = 64):
     """One image per (prompt, seed); every image has its own seeded generator, so batching changes nothing."""
@@ -336,7 +411,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: in
     images = []
     for s in range(0, len(prompts), batch_size):
         gens = [torch.Generator(device="cpu").manual_seed(int(x)) for x in seeds[s : s + batch_size]]
-        shape = (4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+        shape = latent_shape(pipe)
         latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
         out = pipe(
             prompt=prompts[s : s + batch_size],
@@ -345,6 +420,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], num_inference_steps: in
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             latents=latents,
+            **fast_sd3_kwargs(pipe),
         )
         images += out.images
     return images
@@ -427,6 +503,20 @@ def train_vae(cfg: PretrainConfig, vae, device, state: dict) -> None:
     vae.eval()
 
 
+def _vae_weights(source: str) -> dict:
+    """VAE weights from a toy pipeline folder, a VAE folder, or another run's --state_dir past stage 1."""
+    state_path = os.path.join(source, "state.pt")
+    if os.path.exists(state_path):
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("stage") != "denoiser":
+            raise ValueError(f"{state_path} is still training its VAE; wait until its denoiser stage has saved a state")
+        return state["vae"]
+    from diffusers import AutoencoderKL
+
+    sub = os.path.join(source, "vae")
+    return AutoencoderKL.from_pretrained(sub if os.path.isdir(sub) else source).state_dict()
+
+
 @torch.no_grad()
 def calibrate_vae(cfg: PretrainConfig, vae, device) -> None:
     """Set `scaling_factor` (and SD3's `shift_factor`) so that training latents have unit variance."""
@@ -475,7 +565,8 @@ def training_loss(cfg: PretrainConfig, components: dict, latents: torch.Tensor, 
     b = latents.shape[0]
     g = torch.Generator(device="cpu").manual_seed(cfg.seed * 7_919 + step)
     noise = torch.randn(latents.shape, generator=g).to(device)
-    prompt_embeds, pooled = encode_text(cfg.family, components["text_encoder"], components["text_encoder_2"], ids)
+    prompt_embeds, pooled = encode_text(cfg.family, components["text_encoder"], components["text_encoder_2"], ids,
+                                        sd3_t5_tokens=1)
     if cfg.family == "sdxl":
         drop = (torch.rand(b, generator=g) < cfg.caption_dropout).to(device)
         keep = (~drop).float()
@@ -496,10 +587,26 @@ def training_loss(cfg: PretrainConfig, components: dict, latents: torch.Tensor, 
         s = u.view(b, 1, 1, 1)
         x_t = (1 - s) * latents + s * noise
         pred = components["transformer"](
-            hidden_states=x_t, timestep=u * 1000.0, encoder_hidden_states=prompt_embeds, pooled_projections=pooled
+            hidden_states=x_t, timestep=u * 1000.0, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+            joint_attention_kwargs={"last_token_repeats": SD3_ZERO_TOKENS},  # = the pipeline's 256 zero tokens
         ).sample
         target = noise - latents
     return F.mse_loss(pred.float(), target.float())
+
+
+@torch.no_grad()
+def batch_inputs(cfg: PretrainConfig, vae, tok: TokenCache, empty_ids: torch.Tensor, x: torch.Tensor, captions: list[str], step: int):
+    """(scaled VAE latents, caption ids) of one batch; SD3's caption dropout happens here, SDXL's in the loss."""
+    post = vae.encode(x).latent_dist
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 104_729 + step)
+    z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(x.device)
+    latents = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    ids = tok(captions)
+    if cfg.family == "sd3":
+        # SD3's negative prompt is the empty string, so that is what caption dropout trains.
+        drop = torch.rand(len(captions), generator=torch.Generator().manual_seed(cfg.seed * 31 + step)) < cfg.caption_dropout
+        ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
+    return latents, ids
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -515,19 +622,21 @@ def pretrain(cfg: PretrainConfig) -> dict:
     state = torch.load(state_path, map_location="cpu", weights_only=True) if os.path.exists(state_path) else {}
     if state and state.get("config", {}).get("family", cfg.family) != cfg.family:
         raise ValueError(f"{state_path} holds a {state['config']['family']} run; use another --state_dir for {cfg.family}")
-    components = build_components(cfg.family, cfg.seed)
+    if cfg.init_from:
+        pipe = load_toy_pipeline(cfg.family, cfg.init_from)
+        components = {k: v for k, v in pipe.components.items()}
+    else:
+        components = build_components(cfg.family, cfg.seed)
     vae = components["vae"]
 
     # Stage 1.
     if state.get("stage") == "denoiser":
         vae.register_to_config(**state["vae_config"])
         vae.load_state_dict(state["vae"])
+    elif cfg.init_from:
+        pass  # the pipeline's own VAE and its calibration
     elif cfg.vae_from:
-        from diffusers import AutoencoderKL
-
-        sub = os.path.join(cfg.vae_from, "vae")
-        src = AutoencoderKL.from_pretrained(sub if os.path.isdir(sub) else cfg.vae_from)
-        vae.load_state_dict(src.state_dict())
+        vae.load_state_dict(_vae_weights(cfg.vae_from))
         calibrate_vae(cfg, vae.to(device), device)
     else:
         train_vae(cfg, vae, device, state)
@@ -535,6 +644,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     vae.to(device).eval().requires_grad_(False)
 
     # Stage 2.
+    if cfg.family == "sd3":
+        components["transformer"].set_attn_processor(RepeatedTokenJointAttnProcessor())
     modules = _trainable(components)
     for m in modules.values():
         m.to(device).train()
@@ -595,18 +706,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     losses: list[float] = []
     while step < cfg.steps:
         x, captions = next(batches)
-        x = x.to(device)
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            g = torch.Generator(device="cpu").manual_seed(cfg.seed * 104_729 + step)
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
-            shift = vae.config.shift_factor or 0.0
-            latents = (z - shift) * vae.config.scaling_factor
-        ids = tok(captions)
-        if cfg.family == "sd3":
-            # SD3's negative prompt is the empty string, so that is what caption dropout trains.
-            drop = torch.rand(len(captions), generator=torch.Generator().manual_seed(cfg.seed * 31 + step)) < cfg.caption_dropout
-            ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids)
+        latents, ids = batch_inputs(cfg, vae, tok, empty_ids, x.to(device), captions, step)
         loss = training_loss(cfg, components, latents, ids.to(device), step, device)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}; lower --lr or check the data")
@@ -653,6 +753,7 @@ def save_pipeline(cfg: PretrainConfig, components: dict, modules: dict, ema: dic
     finally:
         _restore(modules, live)
     slim_tokenizers(cfg.output_dir)
+    store_half(cfg.output_dir)
     info = {
         "family": cfg.family,
         "steps": step,
@@ -663,6 +764,33 @@ def save_pipeline(cfg: PretrainConfig, components: dict, modules: dict, ema: dic
     with open(os.path.join(cfg.output_dir, "toyworld_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     return cfg.output_dir
+
+
+def store_half(pipeline_dir: str) -> None:
+    """Rewrite every component's float32 weights as float16, which halves the shipped size (the checkpoint budget).
+
+    Each config keeps saying float32, so `from_pretrained` (diffusers and transformers alike) loads float32
+    modules on the CPU, as before.
+    """
+    from safetensors.torch import load_file, save_file
+
+    for sub in sorted(os.listdir(pipeline_dir)):
+        d = os.path.join(pipeline_dir, sub)
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            path = os.path.join(d, name)
+            if name.endswith(".safetensors"):
+                tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in load_file(path).items()}
+                save_file(tensors, path, metadata={"format": "pt"})
+            elif name == "config.json":
+                with open(path, encoding="utf-8") as f:
+                    config = json.load(f)
+                if "dtype" in config or "torch_dtype" in config:  # transformers: load as this dtype
+                    config.pop("torch_dtype", None)
+                    config["dtype"] = "float32"
+                    with open(path, "w", encoding="utf-8") as f:
+                        json.dump(config, f, indent=2)
 
 
 def slim_tokenizers(pipeline_dir: str) -> None:
