@@ -25,6 +25,7 @@ from PIL import Image  # noqa: E402
 from diffalign.demo import DemoConfig  # noqa: E402
 from diffalign.demo import benchmark as bench  # noqa: E402
 from diffalign.demo import models as demo_models  # noqa: E402
+from diffalign.demo.paths import PathPolicy  # noqa: E402
 from diffalign.demo.scoring import Scorer, parse_reward_spec  # noqa: E402
 from diffalign.demo.validation import DemoInputError, check_size, check_steps, open_image_upload  # noqa: E402
 
@@ -186,13 +187,13 @@ def test_personalize_from_pair_choices_and_uploads(server, tmp_path):
         (dict(steps=5), "maximum"),  # the slider's own bound (config.max_steps=4)
         (dict(size=256), "maximum"),
         (dict(size=68), "multiple of 8"),
-        (dict(lora="/no/such/lora"), "LoRA checkpoint '/no/such/lora' not found"),
+        (dict(lora="missing.safetensors"), "LoRA checkpoint .*missing.safetensors' not found"),
         (dict(lora="CORRUPT"), "not a readable safetensors file"),
     ],
 )
 def test_bad_compare_input_is_a_visible_error(server, kwargs, message):
     if kwargs.get("lora") == "CORRUPT":
-        corrupt = server["root"] / "corrupt.safetensors"
+        corrupt = server["root"] / "lora" / "corrupt.safetensors"  # inside --lora's folder: allowed
         corrupt.write_bytes(b"\x00garbage")
         kwargs = {"lora": str(corrupt)}
     with pytest.raises(AppError, match=message):
@@ -253,13 +254,96 @@ def test_benchmark_tab_reads_results_folders(server):
     assert table["headers"] == ["run", "counting", "colors", "overall", "images"]  # GenEval's task order
     assert table["data"] == [["run_a", 0.0, 0.5, 0.25, 4], ["run_b", 0.5, 1.0, 0.75, 4]]
     with pytest.raises(AppError, match="no results.jsonl"):
-        client.predict("/no/such/results", api_name="/benchmark")
+        client.predict(os.path.join(run_a, "missing"), api_name="/benchmark")
     # The failure browser (a UI follow-up of /benchmark): image, prompt and reason of each failure.
     state = server["demo"].diffalign_state
-    gallery, note = state.failures("run_a", bench.load_runs(run_a))
+    gallery, note = state.failures("run_a", bench.load_runs(run_a, state.results_paths))
     assert [caption for _, caption in gallery] == [
         "[colors] prompt 1 -- reason 1", "[counting] prompt 2 -- reason 2", "[counting] prompt 3 -- reason 3"]
     assert all(im.size == (32, 32) for im, _ in gallery) and note.startswith("3 failures of 4 images")
+
+
+def upload(url: str, path: str) -> str:
+    """POST a file to gradio's upload route, as any client can; returns its server path."""
+    import httpx
+
+    with open(path, "rb") as f:
+        reply = httpx.post(url + "gradio_api/upload", files={"files": (os.path.basename(path), f)})
+    reply.raise_for_status()
+    return reply.json()[0]
+
+
+def test_results_naming_server_files_are_refused(server, tmp_path):
+    """The attack: upload a results file whose failure rows name server images outside the served folders,
+    load it through /benchmark, open its failures. The page must not open those images."""
+    client, state = server["client"], server["demo"].diffalign_state
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(secret / "private.png")
+    (secret / "private.txt").write_text("not for clients")
+    results = tmp_path / "results.jsonl"
+    rows = [{"filename": str(secret / "private.png"), "tag": "colors", "prompt": "p", "correct": False, "reason": "r"},
+            {"filename": "../" * 12 + str(secret / "private.png").lstrip("/"), "tag": "colors", "prompt": "q",
+             "correct": False, "reason": "r"},
+            {"filename": os.path.join(server["runs"][0], "images", "0001.png"), "tag": "colors", "prompt": "ok",
+             "correct": False, "reason": "served"}]
+    results.write_text("".join(json.dumps({**r, "metadata": json.dumps({"tag": r["tag"], "prompt": r["prompt"]})}) + "\n"
+                               for r in rows))
+    uploaded = upload(server["url"], str(results))
+    _plot, table, _dropdown = client.predict(uploaded, api_name="/benchmark")  # uploads are allowed: it loads
+    assert table["data"][0][-1] == 3
+    runs = state.benchmark(uploaded)[-1]
+    gallery, note = state.failures(runs[0].name, runs)
+    assert [caption for _, caption in gallery] == ["[colors] ok -- served"]  # only the image under --results
+    assert "2 rows name images outside the folders this demo serves" in note
+    # Client paths outside the served folders are refused with one message, whether or not they exist.
+    messages = []
+    for path in ("/etc/passwd", "/no/such/results", str(secret), str(secret / "private.txt"),
+                 os.path.join(server["runs"][0], "..", "run_b"), "../../etc"):
+        with pytest.raises(AppError) as err:
+            client.predict(path, api_name="/benchmark")
+        messages.append(str(err.value).replace(repr(path), "PATH"))
+    assert "not valid JSON" not in " ".join(messages) and "no results.jsonl" not in " ".join(messages)
+    assert len(set(messages[:4])) == 1 and "not under a folder this demo serves" in messages[0]
+    assert all("may not contain '..'" in m for m in messages[4:])
+    # A LoRA path outside --lora's folder is refused the same way, existing or not.
+    for path in (str(secret / "private.png"), str(tmp_path / "missing.safetensors")):
+        with pytest.raises(AppError, match="not under a folder this demo serves"):
+            compare(client, lora=path, server=server)
+
+
+def test_lora_cache_is_bounded(tmp_path):
+    models = demo_models.DemoModels("tiny:sdxl", max_loras=2)
+    files = [models.load_lora(save_random_lora(str(tmp_path / f"lora{i}"))) for i in range(3)]
+    assert models.loaded_loras == files[1:]  # the least recently used one was unloaded
+    assert len(models.pipe.get_list_adapters()["unet"]) == 2
+    models.load_lora(files[1])  # a hit moves it to the back
+    models.generate(PROMPT, 0, 1, SIZE, 5.0, lora=files[0])  # an evicted LoRA is reloaded on use
+    assert models.loaded_loras == [files[1], files[0]]
+
+
+def test_public_bind_needs_a_login():
+    with pytest.raises(ValueError, match="--auth USER:PASSWORD"):
+        DemoConfig(host="0.0.0.0")
+    assert DemoConfig(host="0.0.0.0", auth=[("u", "p")]).auth == [("u", "p")]
+    assert DemoConfig(host="0.0.0.0", insecure_public=True).insecure_public
+
+
+def test_cli_parses_logins(tmp_path):
+    from diffalign.demo.cli import parse_auth
+
+    logins = tmp_path / "logins"
+    logins.write_text("# users\nana:s3:cret\n")
+    assert parse_auth(["bo:pw"], str(logins)) == [("bo", "pw"), ("ana", "s3:cret")]
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        parse_auth(["nopassword"], None)
+
+
+def test_cli_refuses_a_public_bind_without_login(capsys):
+    from diffalign.cli import main
+
+    assert main(["demo", "--base", "tiny:sdxl", "--rewards", "none", "--host", "0.0.0.0", "--port", str(free_port())]) == 2
+    assert "--insecure-public" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- browser
@@ -436,16 +520,18 @@ def test_toy_verdict_on_rendered_scenes_is_exact():
 
 def test_benchmark_accuracy_is_mean_of_task_means(tmp_path):
     write_results(str(tmp_path), [("colors", True), ("colors", True), ("colors", False), ("position", False)])
-    run = bench.load_run(str(tmp_path))
+    policy = PathPolicy("results folder", [str(tmp_path)])
+    run = bench.load_run(str(tmp_path), policy)
     acc = run.accuracy()
     assert acc["colors"] == pytest.approx(2 / 3) and acc["position"] == 0.0
     assert acc["overall"] == pytest.approx((2 / 3 + 0.0) / 2)
-    assert len(run.failures()) == 2 and bench.failure_path(run, run.failures()[0]) is not None
+    path, refused = bench.failure_path(run, run.failures()[0], policy)
+    assert path == os.path.realpath(tmp_path / "images" / "0002.png") and not refused
     (tmp_path / "results.jsonl").write_text('{"tag": "colors"}\n')
     with pytest.raises(DemoInputError, match="lacks"):
-        bench.load_run(str(tmp_path))
+        bench.load_run(str(tmp_path), policy)
     with pytest.raises(DemoInputError, match="no results.jsonl"):
-        bench.load_run(str(tmp_path / "missing"))
+        bench.load_run(str(tmp_path / "missing"), policy)
     shutil.rmtree(tmp_path)
 
 

@@ -17,6 +17,7 @@ import gradio as gr  # noqa: E402
 from diffalign.demo import benchmark as bench  # noqa: E402
 from diffalign.demo.config import DemoConfig  # noqa: E402
 from diffalign.demo.models import DemoModels  # noqa: E402
+from diffalign.demo.paths import PathPolicy, upload_folder  # noqa: E402
 from diffalign.demo.personalize import CHOICES, NUM_PAIRS, Personalizer  # noqa: E402
 from diffalign.demo.scoring import Scorer, format_card  # noqa: E402
 from diffalign.demo.validation import (  # noqa: E402
@@ -81,7 +82,12 @@ class DemoState:
 
     def __init__(self, config: DemoConfig):
         self.config = config
-        self.models = DemoModels(config.base, lora=config.lora, device=config.device, dtype=config.dtype)
+        self.models = DemoModels(config.base, lora=config.lora, device=config.device, dtype=config.dtype,
+                                 max_loras=config.max_loras)
+        # Client-typed paths: LoRAs from --lora's folder and --lora-dir; results (and their images) from
+        # --results, --results-root and the uploads.
+        self.lora_paths = PathPolicy("LoRA", ([config.lora] if config.lora else []) + list(config.lora_dirs))
+        self.results_paths = PathPolicy("results folder", [*config.results_dirs, *config.results_roots, upload_folder()])
         self.scorer = Scorer(config.rewards, self.models.device, geneval=config.geneval, model_kind=self.models.source.kind)
         self.personalizer = Personalizer(self.models, config.user_adapter, config.user_encoder)
         native = self.models.native_size
@@ -92,8 +98,8 @@ class DemoState:
         self.notices = list(self.models.source.notices)
         if self.models.default_lora is None:
             self.notices.append(
-                "No aligned model: pass `--lora PATH` (a LoRA written by `diffalign train`), or enter a path under "
-                "Settings. Until then the Compare tab shows the base model only."
+                "No aligned model: pass `--lora PATH` (a LoRA written by `diffalign train`), or `--lora-dir DIR` and "
+                "enter a path under it. Until then the Compare tab shows the base model only."
             )
         self.notices += self.scorer.notices + self.personalizer.notices
         if self.personalizer.missing:
@@ -122,7 +128,7 @@ class DemoState:
     def compare(self, prompt, seed, steps, size, guidance, lora, progress=gr.Progress()):  # noqa: B008 (gradio's way to ask for a progress tracker)
         prompt, seed, steps, size, guidance = self.settings(prompt, seed, steps, size, guidance)
         lora = (lora or "").strip()
-        lora_file = self.models.load_lora(lora) if lora else None
+        lora_file = self.models.load_lora(self.lora_paths.resolve(lora)) if lora else None
         total = steps * (2 if lora_file else 1)
         progress((0, total), desc="base model", unit="steps")
         base = self.models.generate(prompt, seed, steps, size, guidance,
@@ -207,7 +213,7 @@ class DemoState:
 
     # ------------------------------------------------------------------ Benchmark
     def benchmark(self, folders):
-        runs = bench.load_runs(folders)
+        runs = bench.load_runs(folders, self.results_paths)
         headers, rows = bench.table(runs)
         import pandas as pd
 
@@ -220,14 +226,15 @@ class DemoState:
         if run is None:
             raise DemoInputError(f"unknown run {run_name!r}; pick one from the list")
         c = self.config
-        gallery, shown, without_image = [], 0, 0
+        gallery, shown, without_image, refused = [], 0, 0, 0
         failed = run.failures()
         for row in failed:
             if shown >= c.max_failures_shown:
                 break
-            path = bench.failure_path(run, row)
+            path, was_refused = bench.failure_path(run, row, self.results_paths)
             if path is None:
-                without_image += 1
+                refused += was_refused
+                without_image += not was_refused
                 continue
             gallery.append((open_image_upload(path, c.max_upload_bytes, c.max_upload_pixels), bench.failure_caption(row)))
             shown += 1
@@ -236,6 +243,8 @@ class DemoState:
             note += f". {run.errors} images could not be evaluated (see results.jsonl.errors.jsonl) and are not counted"
         if without_image:
             note += f"; {without_image} rows have no image file on disk"
+        if refused:
+            note += f"; {refused} rows name images outside the folders this demo serves (not opened)"
         return gallery, note
 
 
@@ -244,7 +253,8 @@ def build_app(config: DemoConfig, state: DemoState | None = None) -> gr.Blocks:
     s = state or DemoState(config)
     examples = example_prompts(s.models.source.kind)
     limits = dict(steps_max=config.max_steps, size_min=config.min_size, size_max=config.max_size)
-    with gr.Blocks(title="diffalign demo", analytics_enabled=False) as demo:
+    cache = (config.cache_max_age_s, config.cache_max_age_s)  # (how often, how old): uploads do not pile up
+    with gr.Blocks(title="diffalign demo", analytics_enabled=False, delete_cache=cache) as demo:
         gr.Markdown(
             f"# diffalign: what alignment and personalization change\n"
             f"Base model: `{s.models.source.label}` ({s.models.source.kind}, {s.models.family}) on `{s.models.device}`. "
@@ -394,5 +404,6 @@ def launch(demo: gr.Blocks, config: DemoConfig, **kwargs):
         theme=theme(),
         css=CSS,
         footer_links=["api"],
+        auth=config.auth,
         **kwargs,
     )

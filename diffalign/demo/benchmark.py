@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from diffalign.demo.paths import PathPolicy, image_file
 from diffalign.demo.validation import DemoInputError
 from diffalign.evaluation.geneval.rules import TAGS as TASK_ORDER  # GenEval's task order
 
@@ -42,13 +43,17 @@ def _ordered(tags) -> list[str]:
     return known + sorted(t for t in tags if t not in TASK_ORDER)
 
 
-def load_run(folder: str) -> Run:
+def load_run(folder: str, policy: PathPolicy) -> Run:
+    """One results folder (or results file) named by a client; `policy` says which server folders it may name."""
     from diffalign.evaluation.geneval.summary import count_errors, read_results
 
-    folder = os.path.expanduser(folder.strip())
+    folder = folder.strip()
     if not folder:
         raise DemoInputError("the results folder is empty; give the folder `diffalign geneval evaluate` wrote")
-    path = os.path.join(folder, RESULTS_FILE) if os.path.isdir(folder) else folder
+    real = policy.resolve(folder)
+    if os.path.isfile(real) and not real.endswith(".jsonl"):
+        raise DemoInputError(f"{folder!r} is not a results folder or a .jsonl results file")
+    path = real if real.endswith(".jsonl") else os.path.join(real, RESULTS_FILE)
     if not os.path.isfile(path):
         raise DemoInputError(
             f"no {RESULTS_FILE} at {folder!r}; point at a GenEval results folder (run `diffalign geneval` first)"
@@ -62,11 +67,11 @@ def load_run(folder: str) -> Run:
     return Run(name=name, folder=base, rows=rows, errors=count_errors(path))
 
 
-def load_runs(text: str) -> list[Run]:
+def load_runs(text: str, policy: PathPolicy) -> list[Run]:
     folders = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not folders:
         raise DemoInputError("no results folder given; enter one folder per line")
-    runs = [load_run(f) for f in folders]
+    runs = [load_run(f, policy) for f in folders]
     seen: dict[str, int] = {}
     for run in runs:  # two folders called "results" must stay apart in the plot
         seen[run.name] = seen.get(run.name, 0) + 1
@@ -108,17 +113,20 @@ def bar_figure(runs: list[Run]):
     return fig
 
 
-def failure_path(run: Run, row: dict) -> str | None:
-    """The image of a result row: `filename` as written (absolute, or relative to where evaluate ran), else
-    relative to the results folder, else `<NNNNN>/samples/<name>` under it (the official layout)."""
+def failure_path(run: Run, row: dict, policy: PathPolicy) -> tuple[str | None, bool]:
+    """(the image of a result row, whether a named image was refused by `policy`).
+
+    Tried in turn: `filename` as written (absolute, or relative to where evaluate ran), relative to the results
+    folder, then `<NNNNN>/samples/<name>` under it (the official layout). A results file is client data, so
+    only image files inside the policy's folders are ever opened."""
     name = row.get("filename")
-    if not name:
-        return None
+    if not name or not isinstance(name, str):
+        return None, False
     candidates = [name, os.path.join(run.folder, name)]
     parts = os.path.normpath(name).split(os.sep)
     if len(parts) >= 3:
         candidates.append(os.path.join(run.folder, *parts[-3:]))
-    return next((c for c in candidates if os.path.isfile(c)), None)
+    return image_file(policy, candidates)
 
 
 def failure_caption(row: dict) -> str:

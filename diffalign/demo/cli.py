@@ -27,7 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "what builds offline)")
     parser.add_argument("--no-geneval", action="store_true", help="do not show toy GenEval verdicts")
     parser.add_argument("--results", nargs="*", default=[], help="GenEval results folders for the Benchmark tab")
-    parser.add_argument("--host", default=d.host, help="bind address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                        help="a folder whose LoRAs clients may load by path (repeatable; --lora's folder always is)")
+    parser.add_argument("--results-root", action="append", default=[], metavar="DIR",
+                        help="a folder whose GenEval results and images clients may open (repeatable; the --results "
+                             "folders and gradio's upload folder always are)")
+    parser.add_argument("--max-loras", type=int, default=d.max_loras, help="LoRAs kept loaded at once (LRU)")
+    parser.add_argument("--host", default=d.host,
+                        help="bind address (default 127.0.0.1: this machine only); any other needs --auth or --insecure-public")
+    parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD", help="a login (repeatable)")
+    parser.add_argument("--auth-file", default=None, help="a file of USER:PASSWORD lines (keeps passwords out of `ps`)")
+    parser.add_argument("--insecure-public", action="store_true", help="serve a non-local --host without a login")
     parser.add_argument("--port", type=int, default=d.port)
     parser.add_argument("--concurrency-limit", type=int, default=d.concurrency_limit)
     parser.add_argument("--max-queue-size", type=int, default=d.max_queue_size)
@@ -38,8 +48,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_auth(pairs: list[str], auth_file: str | None) -> list[tuple[str, str]] | None:
+    lines = list(pairs)
+    if auth_file:
+        with open(auth_file, encoding="utf-8") as f:
+            lines += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    logins = []
+    for line in lines:
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("each login must be USER:PASSWORD with both parts non-empty")
+        logins.append((user, password))
+    return logins or None
+
+
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     return DemoConfig(
+        lora_dirs=list(args.lora_dir), results_roots=list(args.results_root), max_loras=args.max_loras,
+        auth=parse_auth(args.auth, args.auth_file), insecure_public=args.insecure_public,
         base=args.base, lora=args.lora, user_adapter=args.user_adapter, user_encoder=args.user_encoder, device=args.device, dtype=args.dtype,
         rewards=args.rewards, geneval=not args.no_geneval, results_dirs=list(args.results), host=args.host,
         port=args.port, concurrency_limit=args.concurrency_limit, max_queue_size=args.max_queue_size,
@@ -51,16 +77,17 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 def run(args: argparse.Namespace) -> int:
     from diffalign.demo import build_app, launch
 
-    config = config_from_args(args)
     try:
+        config = config_from_args(args)
         demo = build_app(config)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:
         print(f"diffalign demo: {e}", file=sys.stderr)
         return 2
     for notice in demo.diffalign_state.notices:
         print(f"notice: {notice}", file=sys.stderr)
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {config.host}: other machines can reach this demo", file=sys.stderr)
+    if not config.is_local:
+        login = "with a login" if config.auth else "WITHOUT a login (--insecure-public)"
+        print(f"warning: serving on {config.host} {login}: other machines can reach this demo", file=sys.stderr)
     launch(demo, config)
     return 0
 

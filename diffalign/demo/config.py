@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclass
 class DemoConfig:
@@ -30,8 +32,17 @@ class DemoConfig:
     # GenEval-style verdicts under each image (toy detector; only for toy-world prompts).
     geneval: bool = True
 
+    # Folders a client may name (besides `lora`, `results_dirs` and gradio's upload folder): every path typed
+    # into the page is confined to these (see demo/paths.py).
+    lora_dirs: list[str] = field(default_factory=list)
+    results_roots: list[str] = field(default_factory=list)
+    max_loras: int = 4  # LoRAs kept loaded at once (least recently used unloaded first; `lora` stays)
+
     # Server.
     host: str = "127.0.0.1"
+    auth: list[tuple[str, str]] | None = None  # (user, password) pairs; required for a non-local host
+    insecure_public: bool = False  # serve a non-local host without auth anyway
+    cache_max_age_s: int = 3600  # gradio's upload/output cache: files older than this are deleted, checked as often
     port: int = 7860
     concurrency_limit: int = 1  # generation requests run at once (they share one pipeline)
     max_queue_size: int = 64
@@ -68,8 +79,21 @@ class DemoConfig:
             raise ValueError("max_upload_mb and max_upload_pixels must be positive")
         if self.num_pairs < 1:
             raise ValueError(f"num_pairs must be >= 1, got {self.num_pairs}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.cache_max_age_s < 1:
+            raise ValueError(f"cache_max_age_s must be >= 1, got {self.cache_max_age_s}")
+        if not self.is_local and not self.auth and not self.insecure_public:
+            raise ValueError(
+                f"serving on {self.host} lets other machines in with no login; pass --auth USER:PASSWORD "
+                "(or --auth-file FILE), or --insecure-public to serve without one"
+            )
         if not (1 <= self.port <= 65535):
             raise ValueError(f"port must be in 1..65535, got {self.port}")
+
+    @property
+    def is_local(self) -> bool:
+        return self.host in LOCAL_HOSTS
 
     @property
     def max_upload_bytes(self) -> int:

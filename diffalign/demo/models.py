@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -179,14 +180,17 @@ def _adapter_name(path: str) -> str:
 class DemoModels:
     """The loaded pipeline plus its LoRA adapters; `generate` is thread-safe."""
 
-    def __init__(self, base: str, lora: str | None = None, device: str = "auto", dtype: str = "float32"):
+    def __init__(self, base: str, lora: str | None = None, device: str = "auto", dtype: str = "float32", max_loras: int = 4):
+        if max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {max_loras}")
         self.source = resolve_base(base)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.pipe = load_pipeline(self.source, self.device, self.dtype)
         self.family = self.source.family
         self.lock = threading.RLock()
-        self._adapters: dict[str, str] = {}  # resolved file -> adapter name
+        self.max_loras = max_loras
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # resolved file -> adapter name, least recent first
         self.default_lora = None
         if lora:
             self.default_lora = self.load_lora(lora)
@@ -212,7 +216,9 @@ class DemoModels:
         """Load (once) and return the resolved file; raises FileNotFoundError/ValueError on a bad path."""
         file = resolve_lora_file(path)
         with self.lock:
-            if file not in self._adapters:
+            if file in self._adapters:
+                self._adapters.move_to_end(file)
+            else:
                 from safetensors.torch import load_file
 
                 name = _adapter_name(file)
@@ -225,7 +231,20 @@ class DemoModels:
                 except (ValueError, KeyError, RuntimeError) as e:
                     raise ValueError(f"LoRA {path!r} does not fit the base model {self.source.label}: {e}") from e
                 self._adapters[file] = name
+                self._evict()
         return file
+
+    def _evict(self):
+        """Unload the least recently used LoRAs beyond `max_loras` (never the default one)."""
+        while len(self._adapters) > self.max_loras:
+            victim = next((f for f in self._adapters if f != self.default_lora), None)
+            if victim is None:
+                return
+            self.pipe.delete_adapters([self._adapters.pop(victim)])
+
+    @property
+    def loaded_loras(self) -> list[str]:
+        return list(self._adapters)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -253,6 +272,9 @@ class DemoModels:
                 if lora is None:
                     self.pipe.disable_lora()
                 else:
+                    if lora not in self._adapters:  # evicted by another request since its load_lora
+                        self.load_lora(lora)
+                    self._adapters.move_to_end(lora)
                     self.pipe.enable_lora()
                     self.pipe.set_adapters([self._adapters[lora]])
             elif lora is not None:
