@@ -176,7 +176,7 @@ def make_ours(comps, family, mixed_precision, tuning, grad_ckpt=False, compile_=
     cfg = TrainConfig(
         pretrained_model_name_or_path="(in-memory)", objective="dpo", beta=5000.0, tuning=tuning, lora_rank=8,
         learning_rate=1e-5, mixed_precision=mixed_precision, gradient_checkpointing=grad_ckpt, torch_compile=compile_,
-        report_to="none", checkpointing_steps=0, progress_bar=False, output_dir=out_dir,
+        report_to="none", checkpointing_steps=0, progress_bar=False, output_dir=out_dir, overwrite_output_dir=True,
     )
     return PreferenceTrainer(cfg, train_dataset=SyntheticPreferenceDataset(num_groups=4, resolution=8), adapter=adapter)
 

@@ -22,6 +22,24 @@ COMMANDS: list[tuple[str, str]] = [
 ]
 
 
+# Errors a user causes (bad config, missing file, refused output_dir): one line, no traceback.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+                   PermissionError, FloatingPointError)
+
+
+def run_command(func, args: argparse.Namespace, prog: str) -> int:
+    """`func(args)`, with expected errors printed as `prog: error: message` (exit 2); --debug or
+    DIFFALIGN_DEBUG=1 lets them raise with their traceback."""
+    if getattr(args, "debug", False) or os.environ.get("DIFFALIGN_DEBUG", "") not in ("", "0"):
+        return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except EXPECTED_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffalign import __version__
 
@@ -30,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Align text-to-image diffusion models with preferences (Diffusion-DPO, RankDPO, PPD).",
     )
     parser.add_argument("--version", action="version", version=f"diffalign {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _name, module_name in COMMANDS:
         importlib.import_module(module_name).register(subparsers)
@@ -44,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    return run_command(args.func, args, f"diffalign {args.command}")
 
 
 if __name__ == "__main__":

@@ -79,4 +79,13 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from diffalign.cli import EXPECTED_ERRORS
+
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+        sys.exit(main())
+    try:
+        sys.exit(main())
+    except EXPECTED_ERRORS as e:  # one line for a bad folder or spec; --debug shows the traceback
+        print(f"eval/rewards.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

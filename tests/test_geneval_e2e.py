@@ -236,6 +236,22 @@ def test_evaluate_wiring_with_oracle_detector(generated, tmp_path):
     assert reasons["colors"] == "expected blue fire hydrant>=1, found 0 blue; and 1 red"
     assert reasons["position"] == "expected dog right of target, found left of target"
 
+    # A kill mid-write leaves a cut last line: evaluate drops it, redoes that row and keeps the others.
+    with open(good, encoding="utf-8") as f:
+        lines = f.readlines()
+    with open(good, "w", encoding="utf-8") as f:
+        f.writelines(lines[:-2] + [lines[-2][:25]])
+    evaluate(out, OracleDetector(), None, outfile=good, progress=False)
+    with open(good, encoding="utf-8") as f:
+        redone = f.readlines()
+    assert sorted(redone) == sorted(lines) and redone[:-2] == lines[:-2]
+    # A line that ends cut but whole (killed before its newline) gets the newline, and nothing is redone.
+    with open(good, "w", encoding="utf-8") as f:
+        f.writelines(lines[:-1] + [lines[-1].rstrip("\n")])
+    evaluate(out, OracleDetector(), None, outfile=good, progress=False)
+    with open(good, encoding="utf-8") as f:
+        assert f.readlines() == lines
+
 
 def test_bad_input_keeps_the_rest(generated, tmp_path):
     src, _, _ = generated
@@ -383,20 +399,10 @@ def test_cli_generate_from_folder_with_lora(tmp_path):
     assert base.shape == tuned.shape == (64, 64, 3) and not np.array_equal(base, tuned)
     with open(tmp_path / "lora_run" / MANIFEST) as f:
         assert json.load(f)["model"].endswith("+ " + lora_dir)
+    bad = ["geneval", "generate", "--model", model_dir, "--out", str(tmp_path / "x"), "--pipeline-kwargs", "[1]", *common]
+    assert cli_main(bad) == 2  # an expected error: one line on stderr (the CLI's job), the exception with --debug
     with pytest.raises(ValueError, match="JSON object"):
-        cli_main(
-            [
-                "geneval",
-                "generate",
-                "--model",
-                model_dir,
-                "--out",
-                str(tmp_path / "x"),
-                "--pipeline-kwargs",
-                "[1]",
-                *common,
-            ]
-        )
+        cli_main(["--debug", *bad])
 
 
 def test_cli_evaluate_with_toyworld_detector(tmp_path, capsys):

@@ -322,8 +322,42 @@ def test_killed_and_resumed_run_reproduces_losses(tmp_path):
     assert summary["resumed_from_step"] >= 2
     got = read_losses(out)
     assert sorted(got) == sorted(expected) == list(range(1, 7))
+    with open(out / "losses.jsonl", encoding="utf-8") as f:  # the killed run's steps after its checkpoint are gone
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 7))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+
+
+def test_output_dir_of_an_earlier_run_is_refused_and_resume_must_keep_the_config(tmp_path, caplog):
+    PreferenceTrainer(tiny(tmp_path, max_train_steps=2, checkpointing_steps=1)).train()
+    with pytest.raises(FileExistsError, match="holds an earlier run .*losses.jsonl.*resume_from_checkpoint=latest"):
+        PreferenceTrainer(tiny(tmp_path, max_train_steps=2))
+    with pytest.raises(ValueError, match=r"different config: beta: 100.0 -> 50.0; objective: 'dpo' -> 'sft'"):
+        PreferenceTrainer(tiny(tmp_path, max_train_steps=3, resume_from_checkpoint="latest", beta=50.0, objective="sft"))
+    # Longer, with other logging: allowed. A missing random-state file is reported, not ignored.
+    os.remove(tmp_path / "run" / "checkpoint-2" / "random_states_0.pkl")
+    with caplog.at_level("WARNING", logger="diffalign.training"):
+        summary = PreferenceTrainer(tiny(tmp_path, max_train_steps=3, resume_from_checkpoint="latest", log_every=2)).train()
+    assert summary["resumed_from_step"] == 2 and "random_states_0.pkl is missing or unreadable" in caplog.text
+    # overwrite_output_dir starts over: one log line per step of the new run, no old checkpoints.
+    PreferenceTrainer(tiny(tmp_path, max_train_steps=1, overwrite_output_dir=True)).train()
+    with open(tmp_path / "run" / "losses.jsonl", encoding="utf-8") as f:
+        assert [json.loads(line)["step"] for line in f] == [1]
+    assert ckpt.latest_checkpoint(str(tmp_path / "run")) is None
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(validation_steps=1, validation_prompts=[]), "at least one non-empty validation prompt"),
+    (dict(validation_guidance_scale=float("nan")), "validation_guidance_scale must be a finite"),
+    (dict(resolution=7), "multiple of 8"),
+    (dict(checkpoints_total_limit=0), "checkpoints_total_limit must be >= 1"),
+    (dict(use_ema=True, ema_decay=2.0), "ema_decay must be in"),
+    (dict(output_dir=""), "output_dir is empty"),
+    (dict(learning_rate=float("inf")), "learning_rate must be finite"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(tmp_path, **override)
 
 
 def test_two_processes_on_cpu(tmp_path):
@@ -446,5 +480,9 @@ def test_diffalign_train_cli(tmp_path, capsys):
     assert main(["train", "--config", tiny_cfg, "--print-config", "beta=10", f"output_dir={tmp_path}"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["beta"] == 10.0 and printed["objective"] == "rankdpo" and printed["output_dir"] == str(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--config", tiny_cfg, "betta=10"]) == 2  # an expected error: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("diffalign train: error: unknown config key(s) ['betta']") and "Traceback" not in err
     with pytest.raises(ValueError, match="Valid keys"):
-        main(["train", "--config", tiny_cfg, "betta=10"])
+        main(["--debug", "train", "--config", tiny_cfg, "betta=10"])

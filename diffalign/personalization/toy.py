@@ -177,7 +177,7 @@ def run_toy_ppd(
     cfg = TrainConfig(
         pretrained_model_name_or_path=model, objective="ppd", beta=beta, resolution=resolution, tuning="lora",
         lora_rank=lora_rank, train_batch_size=batch_size, max_train_steps=steps, learning_rate=learning_rate,
-        output_dir=output_dir, checkpointing_steps=0, report_to="none", seed=seed, model_seed=seed, progress_bar=True,
+        output_dir=output_dir, overwrite_output_dir=True, checkpointing_steps=0, report_to="none", seed=seed, model_seed=seed, progress_bar=True,
     )
     t0 = time.perf_counter()
     trainer = PreferenceTrainer(cfg, train_dataset=train_pairs, adapter=adapter, conditioning=hook)

@@ -577,10 +577,8 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
             pretrained_model_name_or_path=base_dir, family="sdxl", objective="ppd", resolution=IMAGE_SIZE, tuning=cfg.tuning,
             lora_rank=cfg.lora_rank, train_batch_size=cfg.batch_size, max_train_steps=cfg.train_steps,
             learning_rate=cfg.learning_rate, beta=cfg.beta, sft_weight=cfg.sft_weight, lr_scheduler="constant", adam_weight_decay=0.0, output_dir=train_dir,
-            checkpointing_steps=0, report_to="none", seed=cfg.seed, model_seed=cfg.seed, progress_bar=cfg.progress,
+            overwrite_output_dir=True, checkpointing_steps=0, report_to="none", seed=cfg.seed, model_seed=cfg.seed, progress_bar=cfg.progress,
         )
-        if os.path.exists(os.path.join(train_dir, "losses.jsonl")):
-            os.remove(os.path.join(train_dir, "losses.jsonl"))
         trainer = PreferenceTrainer(tcfg, train_dataset=train_set, adapter=adapter, conditioning=hook)
         full = trainer.train()
         summary = {k: full.get(k) for k in ("final_loss", "mean_loss_last_10", "median_step_time_s", "wall_time_s", "global_step")}

@@ -83,3 +83,64 @@ def prune(output_dir: str, keep: int | None) -> None:
         return
     for path in checkpoint_dirs(output_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# Keys a resumed run may change: how long, how often and where it logs or saves, not what it computes.
+RESUME_MAY_CHANGE = frozenset({
+    "max_train_steps", "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "checkpointing_steps",
+    "checkpoints_total_limit", "report_to", "tracker_project_name", "log_every", "progress_bar", "validation_steps",
+    "validation_prompts", "validation_num_inference_steps", "validation_guidance_scale", "validation_resolution",
+    "dataloader_num_workers", "hf_cache_dir", "precompute_reference", "reference_errors_path", "latent_cache",
+    "torch_compile", "attention_backend", "allow_tf32", "gradient_checkpointing",
+})
+
+
+def changed_config(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for every key that differs and may not change on resume."""
+    current = json.loads(json.dumps(current))  # tuples -> lists, as the checkpoint stored them
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if k not in RESUME_MAY_CHANGE and k in saved and saved.get(k) != current.get(k)]
+
+
+def earlier_run_files(output_dir: str, log_files: tuple[str, ...]) -> list[str]:
+    """Names in `output_dir` that an earlier run left: non-empty logs and checkpoints (complete or not)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [n for n in log_files if os.path.isfile(os.path.join(output_dir, n)) and os.path.getsize(os.path.join(output_dir, n))]
+    found += sorted(n for n in os.listdir(output_dir) if _CKPT.match(n) or n.startswith((".tmp-checkpoint-", ".old-checkpoint-")))
+    return found
+
+
+def remove_earlier_run(output_dir: str, names: list[str]) -> None:
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def truncate_log(path: str, last_step: int) -> int:
+    """Keep the JSONL records of steps <= `last_step` (and drop a cut last line); returns how many were dropped.
+
+    A run killed after its last checkpoint logged steps it will now redo; without this they would appear twice."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if int(record.get("step", 0)) <= last_step:
+                kept.append(json.dumps(record) + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped

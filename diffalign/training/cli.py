@@ -35,6 +35,9 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffalign.cli import run_command
+
     parser = argparse.ArgumentParser(description="diffalign preference trainer (accelerate launch train/train.py --config ...)")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return run_command(run, parser.parse_args(argv), "train.py")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -126,6 +127,9 @@ class TrainConfig:
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    # A fresh run (no resume) refuses an output_dir that holds an earlier run's losses or checkpoints;
+    # True deletes those first.
+    overwrite_output_dir: bool = False
     report_to: str = "tensorboard"  # tensorboard / wandb / none
     tracker_project_name: str = "diffalign"
     log_every: int = 1
@@ -169,6 +173,25 @@ class TrainConfig:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if self.checkpointing_steps < 0 or self.validation_steps < 0:
             raise ValueError("checkpointing_steps and validation_steps must be >= 0 (0 turns them off)")
+        if not str(self.output_dir or "").strip():
+            raise ValueError("output_dir is empty; name the folder the run writes to")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE's downsampling), got {self.resolution}")
+        if self.validation_resolution is not None and (self.validation_resolution < 8 or self.validation_resolution % 8):
+            raise ValueError(f"validation_resolution must be a positive multiple of 8, got {self.validation_resolution}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"checkpoints_total_limit must be >= 1 or None (keep all), got {self.checkpoints_total_limit}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not (math.isfinite(self.validation_guidance_scale) and self.validation_guidance_scale >= 0):
+            raise ValueError(f"validation_guidance_scale must be a finite number >= 0, got {self.validation_guidance_scale}")
+        if self.validation_num_inference_steps < 1:
+            raise ValueError(f"validation_num_inference_steps must be >= 1, got {self.validation_num_inference_steps}")
+        if self.validation_steps and not [p for p in self.validation_prompts or [] if str(p).strip()]:
+            raise ValueError("validation_steps > 0 needs at least one non-empty validation prompt (or validation_steps=0)")
+        for name in ("learning_rate", "max_grad_norm", "beta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
         if self.reference_errors_path and not self.precompute_reference:
             raise ValueError("reference_errors_path needs precompute_reference=true")
         choice("ppd_encoder", PPD_ENCODERS)

@@ -95,6 +95,33 @@ def group_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+class _RandomStateWatch(logging.Filter):
+    """Catches accelerate's "Could not load random states", which it logs at INFO and otherwise ignores.
+
+    Lowers the logger's level for the duration and filters out again what its old level would have hidden."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+        self._logger = logging.getLogger("accelerate.checkpointing")
+
+    def filter(self, record):
+        if "Could not load random states" in record.getMessage():
+            self.failed = True
+        return record.levelno >= self._shown
+
+    def __enter__(self):
+        self._level, self._shown = self._logger.level, self._logger.getEffectiveLevel()
+        self._logger.setLevel(logging.INFO)
+        self._logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        self._logger.removeFilter(self)
+        self._logger.setLevel(self._level)
+        return False
+
+
 class GroupBatchSampler:
     """Deterministic, sharded, endless batch sampler: epoch e is randperm(n, seed + e); global
     batch j is a contiguous slice of it and process r takes its part. Starts at `start` micro-steps."""
@@ -185,6 +212,7 @@ class PreferenceTrainer:
 
         config.validate()
         self.config = cfg = config
+        self._check_output_dir()
         os.makedirs(cfg.output_dir, exist_ok=True)
         log_with = None if cfg.report_to in ("none", "", None) else cfg.report_to
         _allow_new_mixed_precision(cfg.mixed_precision)
@@ -687,6 +715,30 @@ class PreferenceTrainer:
             offset += g.numel()
 
     # ------------------------------------------------------------------------------------------
+    def _check_output_dir(self) -> None:
+        """Before any work: a fresh run must not mix into an earlier one; a resume must not change what it computes."""
+        cfg = self.config
+        path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+        if path is not None:
+            changed = ckpt.changed_config(ckpt.read_state(path).get("config", {}), cfg.to_dict())
+            if changed:
+                raise ValueError(
+                    f"resuming {path} with a different config: {'; '.join(changed)}. Restore those values, "
+                    "or start a new output_dir"
+                )
+            return
+        if cfg.resume_from_checkpoint is not None:
+            return  # "latest" before the first checkpoint: the same run starting over (its log is truncated)
+        earlier = ckpt.earlier_run_files(cfg.output_dir, (LOSSES_FILE, SUMMARY_FILE))
+        if earlier and not cfg.overwrite_output_dir:
+            shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+            raise FileExistsError(
+                f"output_dir {cfg.output_dir} holds an earlier run ({shown}). Continue it with "
+                "resume_from_checkpoint=latest, replace it with overwrite_output_dir=true, or pick another output_dir"
+            )
+        if earlier and int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
+            ckpt.remove_earlier_run(cfg.output_dir, earlier)
+
     def _resume(self) -> int:
         cfg, acc = self.config, self.accelerator
         path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
@@ -694,7 +746,14 @@ class PreferenceTrainer:
             if cfg.resume_from_checkpoint == "latest":
                 acc.print(f"resume_from_checkpoint=latest: no checkpoint in {cfg.output_dir} yet, starting from step 0")
             return 0
-        acc.load_state(path)
+        with _RandomStateWatch() as watch:
+            acc.load_state(path)
+        if watch.failed:
+            name = f"random_states_{acc.process_index}.pkl"
+            message = (f"{path}/{name} is missing or unreadable: this process resumes with fresh Python/NumPy/torch "
+                       "random states (noise and timesteps are seeded per step and stay exact)")
+            logger.warning(message)
+            acc.print(f"warning: {message}")
         if self.conditioning is not None:
             _hook_method(self.conditioning, "load")(path)  # user attention + encoder head (PPD)
         state = ckpt.read_state(path)
@@ -813,6 +872,11 @@ class PreferenceTrainer:
                                                               for k, v in cfg.to_dict().items()})
         ref_table = self.precompute_reference(start_step) if cfg.precompute_reference and self.needs_reference else None
         losses_path = os.path.join(cfg.output_dir, LOSSES_FILE)
+        if acc.is_main_process:
+            dropped = ckpt.truncate_log(losses_path, start_step)
+            if dropped:
+                acc.print(f"{LOSSES_FILE}: dropped {dropped} records after step {start_step} (they are redone now)")
+        acc.wait_for_everyone()
         bar = tqdm(total=cfg.max_train_steps, initial=start_step, desc="train",
                    disable=not (acc.is_local_main_process and cfg.progress_bar))
         groups_per_step = cfg.train_batch_size * acc.num_processes * accum
