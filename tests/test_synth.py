@@ -91,6 +91,38 @@ def test_generator_and_reward_specs():
         SynthConfig(prompts="p.txt", generators=["tiny:sdxl", "tiny:sdxl"], rewards=["clip_score"], output_dir="o")
     with pytest.raises(ValueError, match="k = total images per prompt"):
         SynthConfig(prompts="p.txt", generators=["tiny:sdxl"], rewards=["clip_score"], output_dir="o")
+    for bad, message in (("guidance=nan", "guidance must be a finite"), ("size=7", "height=7 must be a positive multiple of 8"),
+                         ("width=0", "width=0 must be")):
+        with pytest.raises(ValueError, match=message):
+            GeneratorSpec.parse(f"x/y,{bad}")
+    two = dict(prompts="p.txt", generators=["tiny:sdxl,n=2"], rewards=["clip_score"], output_dir="o")
+    with pytest.raises(ValueError, match="reward_batch_size must be >= 1"):
+        SynthConfig(**two, reward_batch_size=0)
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        SynthConfig(**two, limit=-1)
+
+
+def test_a_run_that_failed_before_its_first_image_does_not_block_the_corrected_rerun(tmp_path):
+    from diffalign.synth.prompts import load_prompts
+    from diffalign.synth.runner import CONFIG_FILE, _check_or_write_config
+
+    prompts_file = tmp_path / "p.txt"
+    prompts_file.write_text("a photo of a cat\n")
+    prompts = load_prompts(str(prompts_file), "prompt", None, "train", None)
+    state = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    out = tmp_path / "out"
+
+    def config(steps):
+        return SynthConfig(prompts=str(prompts_file), generators=[f"tiny:sdxl,n=2,steps={steps}"], rewards=["clip_score"],
+                           output_dir=str(out))
+
+    _check_or_write_config(config(2), prompts, state)  # the first attempt wrote its config, then failed
+    (out / ".progress" / "chunk-00000").mkdir(parents=True)  # empty folders are not output
+    _check_or_write_config(config(3), prompts, state)  # the corrected rerun is accepted...
+    assert json.loads((out / CONFIG_FILE).read_text())["generators"][0]["steps"] == 3
+    (out / ".progress" / "chunk-00000" / "g0-p0-0.png").write_bytes(b"png")
+    with pytest.raises(ValueError, match="holds a run with different"):  # ...but once an image exists, not any more
+        _check_or_write_config(config(4), prompts, state)
 
 
 def test_prompt_sources_and_bad_prompts(tmp_path):

@@ -73,6 +73,10 @@ class SynthConfig:
             raise ValueError("k = total images per prompt must be >= 2 to rank; add a generator or raise n=")
         if self.chunk_size < 1 or self.chunks_per_pass < 1:
             raise ValueError("chunk_size and chunks_per_pass must be >= 1")
+        if self.reward_batch_size < 1:
+            raise ValueError(f"reward_batch_size must be >= 1, got {self.reward_batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (or left out for every prompt), got {self.limit}")
         if self.pairwise_dir is not None:
             out, pairs = os.path.abspath(self.output_dir), os.path.abspath(self.pairwise_dir)
             if os.path.commonpath([out, pairs]) == out:
@@ -163,6 +167,14 @@ def _with_spec_defaults(old: dict, new: dict) -> dict:
     return {**old, "generators": filled}
 
 
+def _nothing_written(output_dir: str) -> bool:
+    """No shard and no stashed image or score yet: an earlier attempt failed before producing anything."""
+    for _root, _dirs, files in os.walk(output_dir):
+        if any(f != CONFIG_FILE for f in files):
+            return False
+    return True
+
+
 def _check_or_write_config(cfg: SynthConfig, prompts: list[Prompt], state) -> None:
     path = os.path.join(cfg.output_dir, CONFIG_FILE)
     fp = cfg.fingerprint(prompts)
@@ -175,7 +187,9 @@ def _check_or_write_config(cfg: SynthConfig, prompts: list[Prompt], state) -> No
             new = json.loads(json.dumps(fp))
             old = _with_spec_defaults(old, new)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if diff:
+            if diff and _nothing_written(cfg.output_dir):
+                _save_bytes_atomic(path, json.dumps(fp, indent=2).encode())  # a run that failed before its first image
+            elif diff:
                 raise ValueError(f"{cfg.output_dir} holds a run with different {diff}; resume with the same "
                                  "arguments, or write to a new --output_dir")
         else:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 SEED_POLICIES = ("per_prompt", "fixed")
@@ -68,6 +69,13 @@ class GeneratorSpec:
             raise ValueError(f"generator {self.id!r}: seed_policy {self.seed_policy!r} is unknown; use {SEED_POLICIES}")
         if self.images_per_prompt < 1 or self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"generator {self.id!r}: images_per_prompt, steps and batch_size must be >= 1")
+        if not (math.isfinite(float(self.guidance)) and self.guidance >= 0):
+            raise ValueError(f"generator {self.id!r}: guidance must be a finite number >= 0, got {self.guidance}")
+        for side in ("height", "width"):
+            value = getattr(self, side)
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"generator {self.id!r}: {side}={value} must be a positive multiple of 8 (the VAE's "
+                                 "downsampling; SD3 needs 16)")
 
     def seeds(self, index: int) -> list[int]:
         n = self.images_per_prompt
