@@ -275,6 +275,53 @@ def test_ranked_bad_rows(tmp_path, hf_cache):
         RankedDataset(tmp_path / "k.parquet", resolution=8, cache_dir=hf_cache)
 
 
+def test_blank_captions_duplicate_ranks_and_empty_tables_are_refused(tmp_path, hf_cache):
+    pairs = pairwise_table(labels=(1.0, 0.0, 1.0)).set_column(0, "caption", pa.array(["a cat", "  ", ""]))
+    path = write(pairs, tmp_path / "p.parquet")
+    with pytest.raises(DataError, match="row 1, column 'caption': caption is empty"):
+        PairwiseDataset(path, resolution=8, cache_dir=hf_cache)
+    ds = PairwiseDataset(path, resolution=8, skip_bad_rows=True, cache_dir=hf_cache)
+    assert ds.skipped_rows == 2 and sorted(ds.bad_rows) == [1, 2]
+    ranked = ranked_table(n=4, k=3)
+    ranked = ranked.set_column(ranked.schema.get_field_index("rank"), "rank",
+                               pa.array([[1, 2, 3], [1, 1, 3], [0, 1, 2], [3, 1, 2]], pa.list_(pa.int32())))
+    ranked = ranked.set_column(0, "prompt", pa.array(["a", "b", "c", "\t"]))
+    path = write(ranked, tmp_path / "r.parquet")
+    with pytest.raises(DataError, match=r"row 1, column 'rank': rank \[1, 1, 3\] is not a permutation of 1..3"):
+        RankedDataset(path, resolution=8, cache_dir=hf_cache)
+    ds = RankedDataset(path, resolution=8, skip_bad_rows=True, cache_dir=hf_cache)
+    assert sorted(ds.bad_rows) == [1, 2, 3] and "prompt is empty" in ds.bad_rows[3]
+    with pytest.raises(DataError, match="has no rows"):
+        RankedDataset(write(ranked_table(n=4).slice(0, 0), tmp_path / "empty.parquet"), resolution=8, cache_dir=hf_cache)
+
+
+def test_folder_splits_follow_file_names(tmp_path, hf_cache):
+    """A local Pick-a-Pic snapshot: data/{train,test,validation_unique}-*.parquet. Only the asked split is read."""
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    for split, n in (("train", 4), ("test", 3), ("validation_unique", 2)):
+        write(pairwise_table(labels=(1.0,) * n), tmp_path / "snap" / "data" / f"{split}-00000-of-00001.parquet")
+    assert len(PairwiseDataset(str(tmp_path / "snap"), resolution=8, cache_dir=hf_cache)) == 4
+    assert len(PairwiseDataset(str(tmp_path / "snap"), resolution=8, split="test", cache_dir=hf_cache)) == 3
+    with pytest.raises(DataError, match="no 'valid' split"):
+        PairwiseDataset(str(tmp_path / "snap"), resolution=8, split="valid", cache_dir=hf_cache)
+    # Files that name no split (what `diffalign synth` writes) are all "train".
+    (tmp_path / "synth").mkdir()
+    for i in range(2):
+        write(ranked_table(n=2), tmp_path / "synth" / f"data-{i:05d}-of-00002.parquet")
+    assert len(RankedDataset(str(tmp_path / "synth"), resolution=8, cache_dir=hf_cache)) == 4
+
+
+def test_16_bit_images_keep_their_levels():
+    from diffalign.data.transforms import decode_image
+
+    levels = np.array([[0, 16384, 32768, 65535]], dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")  # a 16-bit grayscale PNG
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode.startswith("I")
+    rgb = np.asarray(decode_image(buffer.getvalue()))
+    assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == [0, 64, 128, 255]  # not clipped to white
+
+
 # ---- preprocessing and collator ---------------------------------------------------------------------------------------
 def test_transform_center_crop_micro_conditioning():
     image = Image.open(io.BytesIO(split_png((40, 20))))
@@ -409,6 +456,39 @@ def test_cache_build_resume_and_read(tmp_path, hf_cache):
     ds32 = PairwiseDataset(tmp_path / "p.parquet", resolution=32, cache_dir=hf_cache)
     with pytest.raises(CacheMismatchError, match="different resolution"):
         build_cache(ds32, adapter, out, shard_size=2, progress=False)
+
+
+def test_cache_truncated_shard_is_rebuilt_and_nan_latents_name_their_row(tmp_path, hf_cache, caplog):
+    from safetensors.torch import load_file, save_file
+
+    ds = PairwiseDataset(write(pairwise_table(labels=(1.0, 0.0, 1.0, 1.0)), tmp_path / "p.parquet"), resolution=16,
+                         cache_dir=hf_cache)
+    out = tmp_path / "cache"
+    build_cache(ds, FakeAdapter(), out, shard_size=2, progress=False)
+    shard = out / shard_name(1, 2)
+    whole = shard.read_bytes()
+    expected = {k: v.clone() for k, v in load_file(str(shard)).items()}
+    shard.write_bytes(whole[:-100])  # a copy cut short
+    with pytest.raises(CacheMismatchError, match=rf"{shard.name} is cut: {len(whole) - 100} bytes of {len(whole)}"):
+        CachedDataset(out)
+    adapter = FakeAdapter()
+    with caplog.at_level(logging.WARNING, logger="diffalign.data"):
+        again = build_cache(ds, adapter, out, shard_size=2, progress=False)
+    assert again["written"] == [1] and again["resumed"] == [0] and "rebuilding it" in caplog.text
+    rebuilt = load_file(str(shard))
+    assert rebuilt.keys() == expected.keys() and [k for k in expected if not torch.equal(rebuilt[k], expected[k])] == []
+    assert len(CachedDataset(out)) == 4
+    # A NaN in a cached latent is traced to its source row.
+    tensors = load_file(str(shard))
+    tensors["latents"][1, 0, 0, 0, 0] = float("nan")
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(tensors, str(shard), metadata=metadata)
+    cached = CachedDataset(out)
+    with pytest.raises(DataError, match=r"row 3, column 'latents': the cached latents hold NaN"):
+        cached[3]
 
 
 def test_cache_skips_bad_rows_and_stores_dtype(tmp_path, hf_cache):

@@ -134,6 +134,28 @@ def _atomic_write_json(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def shard_problem(path: Path) -> str | None:
+    """Why a shard file is not whole (missing, cut, unreadable header), or None when it is.
+
+    A safetensors file is 8 bytes of header length, the JSON header, then the tensors, whose byte ranges the
+    header lists: a whole file is exactly as long as the largest end offset says."""
+    if not path.exists():
+        return "missing"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"cut: {size} bytes, shorter than its header"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable header ({type(e).__name__}: {e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"cut: {size} bytes of {8 + n + end}"
+    return None
+
+
 def _check_text(text: dict, n: int) -> dict:
     if not isinstance(text, dict) or not text:
         raise TypeError(f"adapter.encode_prompts must return a non-empty dict of tensors, got {type(text).__name__}.")
@@ -219,7 +241,13 @@ def build_cache(
     for stale in out.glob("shard-*.safetensors.tmp-*"):  # left by a killed run; only our own shards' files
         if int(stale.name.split("-")[1]) in mine:
             stale.unlink(missing_ok=True)
-    todo = [s for s in mine if not (out / shard_name(s, num_shards)).exists()]
+    todo = []
+    for s in mine:
+        problem = shard_problem(out / shard_name(s, num_shards))
+        if problem is not None:
+            if problem != "missing":
+                logger.warning("cache shard %s is %s; rebuilding it", shard_name(s, num_shards), problem)
+            todo.append(s)
     resumed = [s for s in mine if s not in todo]
     total = sum(len(shard_rows(s, num_rows, shard_size)) for s in mine)
     done = total - sum(len(shard_rows(s, num_rows, shard_size)) for s in todo)
@@ -239,7 +267,7 @@ def build_cache(
     bar.close()
     if state is not None and world_size > 1:
         state.wait_for_everyone()
-    missing = [s for s in range(num_shards) if not (out / shard_name(s, num_shards)).exists()]
+    missing = [s for s in range(num_shards) if shard_problem(out / shard_name(s, num_shards)) is not None]
     summary = {
         "out_dir": str(out),
         "num_shards": num_shards,
@@ -359,6 +387,12 @@ class CachedDataset(torch.utils.data.Dataset):
                 f"cache {self.cache_dir} is incomplete: {len(missing)} of {n} shards missing (first: {missing[0]}). "
                 "Fix: rerun the same `diffalign cache` command; it resumes and writes only the missing shards."
             )
+        for p in paths:
+            problem = shard_problem(p)
+            if problem is not None:
+                raise CacheMismatchError(
+                    f"cache shard {p} is {problem}. Fix: rerun the same `diffalign cache` command; it rebuilds that shard."
+                )
         self._paths = paths
         self._locations: list[tuple[int, int]] = []
         self.prompts: list[str] = []
@@ -408,8 +442,13 @@ class CachedDataset(torch.utils.data.Dataset):
         handle = self._handle(shard)
         t = int(handle.get_slice("text_index")[j : j + 1][0])
         text_keys = [key for key in handle.keys() if key.startswith("text.")]
+        latents = handle.get_slice("latents")[j : j + 1][0]
+        if not torch.isfinite(latents).all():
+            row = int(handle.get_slice("rows")[j : j + 1][0])
+            raise DataError(f"the cached latents hold NaN or inf ({self._paths[shard].name}).", row=row, column="latents",
+                            fix="check that row's images, then rebuild the cache (delete that shard and rerun `diffalign cache`).")
         return {
-            "latents": handle.get_slice("latents")[j : j + 1][0],
+            "latents": latents,
             "scores": handle.get_slice("scores")[j : j + 1][0],
             "original_sizes": handle.get_slice("original_sizes")[j : j + 1][0],
             "crop_top_lefts": handle.get_slice("crop_top_lefts")[j : j + 1][0],
@@ -475,6 +514,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         crop=args.crop, random_flip=args.random_flip, seed=args.seed, skip_bad_rows=args.skip_bad_rows,
         keep_ties=args.keep_ties, max_k=args.max_k,
     )
+    skipped_at_load = dataset.skipped_rows  # the dataset also counts the rows encoding skips: take it before
     adapter = load_family(args.model, family=args.family, seed=args.seed)
     device = torch.device(args.device) if args.device else state.device
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -487,7 +527,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     )
     state.wait_for_everyone()
     if state.is_main_process:
-        missing = [s for s in range(summary["num_shards"]) if not (Path(args.out) / shard_name(s, summary["num_shards"])).exists()]
+        missing = [s for s in range(summary["num_shards"]) if shard_problem(Path(args.out) / shard_name(s, summary["num_shards"]))]
         print(json.dumps({"out": args.out, "rows": len(dataset), "shards": summary["num_shards"], "missing_shards": len(missing),
-                          "skipped_rows_at_load": dataset.skipped_rows, "skipped_rows_while_encoding": summary["skipped_rows"]}))
+                          "skipped_rows_at_load": skipped_at_load, "skipped_rows_while_encoding": summary["skipped_rows"]}))
     return 0

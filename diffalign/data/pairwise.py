@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from diffalign.data.base import GroupDataset, bad_row_fix, prompt_hash
 from diffalign.data.errors import DataError
-from diffalign.data.sources import arrow_column, is_image, is_number, is_string
+from diffalign.data.sources import arrow_column, blank_text_rows, is_image, is_number, is_string
 
 logger = logging.getLogger("diffalign.data")
 
@@ -70,6 +70,8 @@ class PairwiseDataset(GroupDataset):
             nulls = pc.is_null(arrow_column(self.hf, name)).to_numpy(zero_copy_only=False)
             for row in np.flatnonzero(nulls):
                 issues.append(DataError("value is null.", row=int(row), column=name, fix=bad_row_fix()))
+        for row in blank_text_rows(arrow_column(self.hf, "caption")):
+            issues.append(DataError("caption is empty.", row=int(row), column="caption", fix=bad_row_fix()))
         self._drop_ties(keep, label == 0.5, "tied pairs (label_0 == 0.5)")
 
     def _read_columns(self) -> list[str]:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from diffalign.data.base import GroupDataset, bad_row_fix, prompt_hash
 from diffalign.data.errors import SKIP_HINT, DataError
-from diffalign.data.sources import arrow_column, is_image, is_number, is_string, list_of
+from diffalign.data.sources import arrow_column, blank_text_rows, is_image, is_number, is_string, list_of
 
 RANKED_COLUMNS = ("prompt", "images", "phi")
 
@@ -88,6 +88,8 @@ class RankedDataset(GroupDataset):
         )
         null_prompts = np.flatnonzero(pc.is_null(arrow_column(self.hf, "prompt")).to_numpy(zero_copy_only=False))
         _flag_rows(issues, null_prompts, "prompt", lambda row: "prompt is null.", bad_row_fix())
+        _flag_rows(issues, blank_text_rows(arrow_column(self.hf, "prompt")), "prompt", lambda row: "prompt is empty.",
+                   bad_row_fix())
 
         phi = arrow_column(self.hf, "phi").combine_chunks()
         phi_len = _lengths(pa.chunked_array([phi]))
@@ -122,6 +124,23 @@ class RankedDataset(GroupDataset):
                 "rank",
                 lambda row: f"rank has {rank_len[row]} values for {n_images[row]} images.",
                 f"write one rank per image, {SKIP_HINT}.",
+            )
+            ranks = arrow_column(self.hf, "rank").combine_chunks()
+            rank_values = pc.list_flatten(ranks).cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+            owners = pc.list_parent_indices(ranks).to_numpy()
+            size = rank_len[owners]
+            # A permutation of 1..k: in range, and no value twice in a row.
+            bad = (rank_values < 1) | (rank_values > size)
+            keys = owners.astype(np.int64) * (int(rank_len.max(initial=0)) + 1) + np.clip(rank_values, 0, None)
+            _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+            bad[first[counts > 1]] = True
+            _flag_rows(
+                issues,
+                np.unique(owners[bad]),
+                "rank",
+                lambda row: f"rank {ranks[int(row)].as_py()} is not a permutation of 1..{rank_len[row]} "
+                "(1 = best, every image its own rank).",
+                f"recompute rank with diffalign.synth.ranks_from_phi, {SKIP_HINT}.",
             )
         if "scores" in self.columns:
             scores = arrow_column(self.hf, "scores").combine_chunks()

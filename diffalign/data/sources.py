@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from diffalign.data.errors import DataError
@@ -52,6 +53,7 @@ def open_source(source: Any, *, split: str = "train", cache_dir: str | None = No
                 f"{path} is a file but not a .parquet file.",
                 fix="pass a .parquet file, a folder of .parquet files, or a folder written by save_to_disk.",
             )
+        _refuse_empty([str(path)], str(path))
         return datasets.Dataset.from_parquet([str(path)], cache_dir=cache_dir)
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -65,7 +67,12 @@ def open_source(source: Any, *, split: str = "train", cache_dir: str | None = No
                 f"{path} holds no *.parquet files and is not a save_to_disk folder. "
                 "Fix: point at the folder that `diffalign synth` wrote, a Pick-a-Pic parquet folder, or a save_to_disk folder."
             )
-        return datasets.Dataset.from_parquet(files, cache_dir=cache_dir)
+        splits = parquet_splits(path)
+        if split not in splits:
+            raise DataError(f"{path} has no {split!r} split (its file names give {sorted(splits)}).",
+                            fix="pass dataset_split= one of those splits.")
+        _refuse_empty(splits[split], str(path))
+        return datasets.Dataset.from_parquet(splits[split], cache_dir=cache_dir)
     text = str(source)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(".parquet")
     if not looks_like_hub_id:
@@ -74,6 +81,24 @@ def open_source(source: Any, *, split: str = "train", cache_dir: str | None = No
             "or pass a hub id of the form 'owner/name'."
         )
     return datasets.load_dataset(text, split=split, cache_dir=cache_dir)
+
+
+def parquet_splits(folder: Path) -> dict[str, list[str]]:
+    """{split: sorted .parquet files} of a folder, by `datasets`' file-name rules (as `load_dataset("parquet",
+    data_dir=folder)`): `train-*`, `data/test-*`, `validation/...` name their split; files that name none are
+    all "train". So a local Pick-a-Pic snapshot does not leak its test rows into training."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    found = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))
+    splits = {str(name): sorted(f for f in files if f.endswith(".parquet")) for name, files in found.items()}
+    return {name: files for name, files in splits.items() if files}
+
+
+def _refuse_empty(files: list[str], where: str) -> None:
+    import pyarrow.parquet as pq
+
+    if sum(pq.ParquetFile(f).metadata.num_rows for f in files) == 0:
+        raise DataError(f"the data source {where} has no rows.", fix="point at a non-empty dataset.")
 
 
 def _pick_split(dataset_dict, split: str, where: str):
@@ -132,3 +157,11 @@ def is_number(t: pa.DataType) -> bool:
 
 def list_of(t: pa.DataType, predicate) -> bool:
     return is_list(t) and predicate(t.value_type)
+
+
+def blank_text_rows(column) -> np.ndarray:
+    """Rows whose string value is empty or only whitespace (nulls are reported separately)."""
+    import pyarrow.compute as pc
+
+    trimmed = pc.utf8_trim_whitespace(column.cast(pa.large_string()))
+    return np.flatnonzero(pc.fill_null(pc.equal(trimmed, ""), False).to_numpy(zero_copy_only=False))

@@ -45,7 +45,7 @@ def decode_image(value: Any, *, row: int | None = None, column: str | None = Non
     try:
         with Image.open(io.BytesIO(bytes(value))) as image:
             image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")
+            return to_rgb(image)
     except Exception as error:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise DataError(
             f"cannot decode the image ({len(value)} bytes; {type(error).__name__}: {error}).",
@@ -53,6 +53,20 @@ def decode_image(value: Any, *, row: int | None = None, column: str | None = Non
             column=column,
             fix=f"re-export this row's image, remove the row, {SKIP_HINT}.",
         ) from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16- and 32-bit integer images are scaled to 0..255 first: PIL's own convert("RGB")
+    clips them, so a 16-bit PNG comes out nearly white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I"):
+        values = np.asarray(image).astype(np.float64)
+        wide = image.mode.startswith("I;16") or values.max(initial=0) > 255
+        peak = 65535.0 if wide else 255.0
+        gray = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
 
 
 def _read_file(path: str) -> bytes:
