@@ -315,6 +315,23 @@ def test_eval_script_scores_folders_and_compares(tmp_path, capsys):
         module.main(["--images", str(tmp_path), "--reward", "clip_score"])
 
 
+def test_image_folders_are_read_lazily_and_bad_files_are_named(tmp_path):
+    from diffalign.rewards.report import ImageFiles, load_image_folder, save_image_folder
+
+    save_image_folder(str(tmp_path / "a"), ["0.png", "1.png"], _images(2, seed=1, sizes=((16, 16),)), PROMPTS[:2])
+    keys, images, prompts = load_image_folder(str(tmp_path / "a"))
+    assert isinstance(images, ImageFiles) and keys == ["0.png", "1.png"] and len(images) == 2
+    assert [im.size for im in images[0:2]] == [(16, 16), (16, 16)]  # decoded per batch, on access
+    (tmp_path / "a" / "1.png").write_bytes((tmp_path / "a" / "1.png").read_bytes()[:30])  # truncated
+    _, images, _ = load_image_folder(str(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"1.png is not a readable image"):
+        images[1]
+    with open(tmp_path / "a" / "metadata.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"file_name": "2.png", "prompt"\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:3 is not valid JSON"):
+        load_image_folder(str(tmp_path / "a"))
+
+
 def test_resolve_file_local_or_hub(tmp_path, monkeypatch):
     import huggingface_hub
 

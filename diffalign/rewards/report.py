@@ -11,33 +11,58 @@ from collections.abc import Sequence
 import numpy as np
 
 
+class ImageFiles(Sequence):
+    """Image files, decoded only when a reward asks for them (a batch at a time): a folder is never held in
+    memory at once. A file that cannot be decoded raises ValueError naming it."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._open(p) for p in self.paths[index]]
+        return self._open(self.paths[index])
+
+    @staticmethod
+    def _open(path: str):
+        from PIL import Image, UnidentifiedImageError
+
+        from diffalign.data.transforms import to_rgb
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(im)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
 def load_image_folder(folder: str):
     """Images and prompts from `folder/metadata.jsonl` (lines {"file_name": ..., "prompt": ...}, the HF
-    imagefolder convention). Returns (keys, images, prompts) in file order; keys are the file names."""
-    from PIL import Image
+    imagefolder convention). Returns (keys, images, prompts) in file order; keys are the file names and
+    images an `ImageFiles` sequence (decoded on access)."""
+    from diffalign._jsonl import iter_jsonl
 
     meta = os.path.join(folder, "metadata.jsonl")
     if not os.path.isfile(meta):
         raise FileNotFoundError(f"{meta} is missing: an image folder needs metadata.jsonl with one line "
                                 '{"file_name": "0001.png", "prompt": "..."} per image')
-    keys, images, prompts = [], [], []
-    with open(meta, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "file_name" not in row or "prompt" not in row:
-                raise ValueError(f"{meta}:{line_no} needs 'file_name' and 'prompt', has {sorted(row)}")
-            path = os.path.join(folder, row["file_name"])
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{meta}:{line_no} names {row['file_name']!r}, which is not in {folder}")
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-            keys.append(row["file_name"])
-            prompts.append(row["prompt"])
+    keys, paths, prompts = [], [], []
+    for line_no, row in iter_jsonl(meta, '{where} is not valid JSON ({error}); each line is {{"file_name": ..., "prompt": ...}}'):
+        if not isinstance(row, dict) or "file_name" not in row or "prompt" not in row:
+            raise ValueError(f"{meta}:{line_no} needs 'file_name' and 'prompt', has {sorted(row) if isinstance(row, dict) else row!r}")
+        path = os.path.join(folder, row["file_name"])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{meta}:{line_no} names {row['file_name']!r}, which is not in {folder}")
+        keys.append(row["file_name"])
+        paths.append(path)
+        prompts.append(row["prompt"])
     if not keys:
         raise ValueError(f"{meta} lists no images")
-    return keys, images, prompts
+    return keys, ImageFiles(paths), prompts
 
 
 def save_image_folder(folder: str, keys: Sequence[str], images, prompts: Sequence[str]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from diffalign._jsonl import repair_cut_tail, write_json_atomic
 from diffalign.evaluation.geneval import load_metadata, load_object_names
 from diffalign.evaluation.geneval.rules import (
     COUNTING_THRESHOLD,
@@ -40,6 +42,8 @@ from diffalign.evaluation.geneval.rules import (
     filter_detections,
     validate_metadata,
 )
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "geneval_generation.json"
 SAMPLE_RE = re.compile(r"^\d+\.png$")
@@ -168,8 +172,7 @@ def generate(
     manifest["pipeline_kwargs"] = {
         k: v for k, v in pipeline_kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))
     }
-    with open(manifest_path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
+    write_json_atomic(manifest_path, manifest, indent=1)
 
     todo: list[tuple[int, list[int]]] = []
     skipped = 0
@@ -186,8 +189,7 @@ def generate(
                     "this folder belongs to another metadata file. Use a new output folder."
                 )
         else:
-            with open(meta_path, "w", encoding="utf-8") as f:
-                json.dump(metadata[i], f)
+            write_json_atomic(meta_path, metadata[i])
         missing = [
             j for j in range(n_samples) if not os.path.exists(os.path.join(folder, "samples", f"{j:04d}.png"))
         ]
@@ -343,13 +345,16 @@ def evaluate(
                     f"{outfile} was made with options {previous}, not {options_dict}; pass overwrite=True "
                     "(--overwrite) or another outfile."
                 )
+        repaired = repair_cut_tail(outfile)  # a kill mid-write: redo that one row, keep the rest
+        if repaired:
+            logger.warning(repaired)
         with open(outfile, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError:
-                        # A run killed mid-write leaves a partial last line; anything else is corruption.
+                        # A cut last line was repaired above: a bad line here is corruption.
                         raise ValueError(
                             f"{outfile}:{lineno} is not valid JSON; delete the line or pass --overwrite."
                         ) from None
@@ -357,8 +362,7 @@ def evaluate(
                     done.add((parts[-3], parts[-1]))
     else:
         open(outfile, "w").close()
-    with open(options_file, "w", encoding="utf-8") as f:
-        json.dump(options_dict, f)
+    write_json_atomic(options_file, options_dict)
 
     # What should be there.
     errors: list[dict] = []
