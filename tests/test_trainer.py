@@ -105,8 +105,9 @@ class RecordingHook(ConditioningHook):
 def test_sdxl_dpo_lora_run_saves_loadable_lora(tmp_path):
     from diffalign.testing import tiny_sdxl_pipeline
 
+    # lora_alpha != rank: the saved adapter metadata must carry the scale (alpha / rank = 4).
     cfg = tiny(tmp_path, report_to="tensorboard", validation_steps=3, validation_prompts=["a red square"],
-               validation_num_inference_steps=1)
+               validation_num_inference_steps=1, lora_alpha=16, checkpointing_steps=2)
     hook = RecordingHook()
     trainer = PreferenceTrainer(cfg, conditioning=hook)
     summary = trainer.train()
@@ -137,6 +138,12 @@ def test_sdxl_dpo_lora_run_saves_loadable_lora(tmp_path):
         ours = adapter.predict(trainer.unwrapped, x, t, text, micro)
     assert not torch.allclose(base, loaded, atol=1e-5)
     torch.testing.assert_close(loaded, ours, atol=1e-5, rtol=1e-4)
+    # An intermediate checkpoint loads the same way, as diffusers scripts' checkpoints do.
+    mid = tiny_sdxl_pipeline(cfg.model_seed)
+    mid.load_lora_weights(os.path.join(out, "checkpoint-2"))
+    with torch.no_grad():
+        at_step_2 = adapter.predict(mid.unet, x, t, text, micro)
+    assert not torch.allclose(base, at_step_2, atol=1e-5) and not torch.allclose(loaded, at_step_2, atol=1e-5)
 
 
 def test_sdxl_dpo_full_finetune(tmp_path):
@@ -153,6 +160,12 @@ def test_sdxl_dpo_full_finetune(tmp_path):
     torch.testing.assert_close(trainer.reference.state_dict()["conv_in.weight"], before["conv_in.weight"])  # ... the reference did not
     losses = read_losses(cfg.output_dir)
     assert losses[1] == pytest.approx(math.log(2), abs=1e-5)
+    # The output folder is a pipeline: plain diffusers loads the fine-tuned model from it.
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(cfg.output_dir)
+    assert all(torch.equal(v, saved.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+    assert pipe(prompt="a red square", num_inference_steps=1, height=64, width=64, output_type="np").images.shape == (1, 64, 64, 3)
 
 
 @pytest.mark.parametrize("tuning", ["lora", "full"])
@@ -346,6 +359,15 @@ def test_output_dir_of_an_earlier_run_is_refused_and_resume_must_keep_the_config
     assert ckpt.latest_checkpoint(str(tmp_path / "run")) is None
 
 
+def test_mixed_precision_comes_from_the_launcher_unless_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config
+    trainer = PreferenceTrainer(tiny(tmp_path, "launcher"))
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.weight_dtype == torch.bfloat16
+    assert trainer.config.mixed_precision == "bf16"
+    explicit = PreferenceTrainer(tiny(tmp_path, "explicit", mixed_precision="no"))
+    assert explicit.accelerator.mixed_precision == "no" and explicit.weight_dtype == torch.float32
+
+
 @pytest.mark.parametrize("override, message", [
     (dict(validation_steps=1, validation_prompts=[]), "at least one non-empty validation prompt"),
     (dict(validation_guidance_scale=float("nan")), "validation_guidance_scale must be a finite"),
@@ -369,8 +391,9 @@ def test_two_processes_on_cpu(tmp_path):
     ppd = os.path.join(REPO, "train", "configs", "tiny_sdxl_ppd.yaml")
     common = ["report_to=none", "progress_bar=false", "max_train_steps=2", "checkpointing_steps=0", "tuning=lora", "lora_rank=4"]
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+    # The shipped 2-process CPU launcher config.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(REPO, "train", "accelerate_configs", "cpu_2proc.yaml"), "--main_process_port", str(29500 + os.getpid() % 1000),
            os.path.join(REPO, "train", "train.py"), "--config", ppd, f"output_dir={out}", "train_batch_size=1", *common]
     res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -480,6 +503,19 @@ def test_diffalign_train_cli(tmp_path, capsys):
     assert main(["train", "--config", tiny_cfg, "--print-config", "beta=10", f"output_dir={tmp_path}"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["beta"] == 10.0 and printed["objective"] == "rankdpo" and printed["output_dir"] == str(tmp_path)
+    # Every field is a flag too: `--key value`, `--key=value`, a bare boolean flag, lists; key=value still works.
+    assert main(["train", "--config", tiny_cfg, "--print-config", "--beta", "10", "--objective=dpo", "--use_ema",
+                 "--validation_prompts", "a cat", "a dog"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["beta"], printed["objective"], printed["use_ema"]) == (10.0, "dpo", True)
+    assert printed["validation_prompts"] == ["a cat", "a dog"]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    listed = capsys.readouterr().out
+    from dataclasses import fields
+
+    missing = [f.name for f in fields(TrainConfig) if f"--{f.name}" not in listed or not f.metadata.get("help")]
+    assert missing == [] and "{dpo,rankdpo,sft,ipo,hinge,ppd}" in listed
     capsys.readouterr()
     assert main(["train", "--config", tiny_cfg, "betta=10"]) == 2  # an expected error: one line, no traceback
     err = capsys.readouterr().err

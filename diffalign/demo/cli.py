@@ -75,6 +75,11 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        print("diffalign demo needs gradio: pip install 'diffalign[demo]'", file=sys.stderr)
+        return 2
     from diffalign.demo import build_app, launch
 
     try:

@@ -219,17 +219,21 @@ class DemoModels:
             if file in self._adapters:
                 self._adapters.move_to_end(file)
             else:
-                from safetensors.torch import load_file
+                from safetensors import safe_open
 
                 name = _adapter_name(file)
                 try:
-                    state_dict = load_file(file)
+                    with safe_open(file, framework="pt"):
+                        pass
                 except Exception as e:  # safetensors raises its own error types for corrupt files
                     raise ValueError(f"LoRA {path!r} is not a readable safetensors file ({type(e).__name__}: {e})") from None
                 try:
-                    self.pipe.load_lora_weights(state_dict, adapter_name=name)
+                    # From the file, not a state dict: diffusers then reads the adapter metadata (lora_alpha).
+                    self.pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file), adapter_name=name)
                 except (ValueError, KeyError, RuntimeError) as e:
                     raise ValueError(f"LoRA {path!r} does not fit the base model {self.source.label}: {e}") from e
+                if name not in {n for names in self.pipe.get_list_adapters().values() for n in names}:
+                    raise ValueError(f"LoRA {path!r} loaded no weights into the base model {self.source.label}")
                 self._adapters[file] = name
                 self._evict()
         return file

@@ -160,10 +160,12 @@ class SD3Family(FamilyAdapter):
         )[0]
 
     # --- outputs -------------------------------------------------------------------------
-    def save_lora(self, output_dir: str, lora_state_dict) -> None:
+    def save_lora(self, output_dir: str, lora_state_dict, adapter_metadata: dict | None = None) -> None:
+        """`pytorch_lora_weights.safetensors` as diffusers writes it, with the peft LoraConfig (lora_alpha) as metadata."""
         from diffusers import StableDiffusion3Pipeline
 
-        StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state_dict, safe_serialization=True)
+        StableDiffusion3Pipeline.save_lora_weights(output_dir, transformer_lora_layers=lora_state_dict, safe_serialization=True,
+                                                   transformer_lora_adapter_metadata=adapter_metadata)
 
     def pipeline(self, denoiser=None):
         from diffusers import StableDiffusion3Pipeline

@@ -152,11 +152,14 @@ class SDXLFamily(FamilyAdapter):
         )[0]
 
     # --- outputs -------------------------------------------------------------------------
-    def save_lora(self, output_dir: str, lora_state_dict) -> None:
+    def save_lora(self, output_dir: str, lora_state_dict, adapter_metadata: dict | None = None) -> None:
+        """`pytorch_lora_weights.safetensors` as diffusers writes it; `adapter_metadata` (the peft LoraConfig as a
+        dict) keeps lora_alpha, so `load_lora_weights` restores the trained scale."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         cls = StableDiffusionXLPipeline if self.is_xl else StableDiffusionPipeline
-        cls.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict, safe_serialization=True)
+        cls.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict, safe_serialization=True,
+                              unet_lora_adapter_metadata=adapter_metadata)
 
     def pipeline(self, denoiser=None):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline

@@ -9,136 +9,134 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
-OBJECTIVES = ("dpo", "rankdpo", "sft", "ipo", "hinge", "ppd")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-TUNING = ("lora", "full", "none")  # none: base frozen, only a conditioning hook's weights train (PPD)
-PPD_ENCODERS = ("clip", "vlm")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
-ATTENTION = ("sdpa", "xformers")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# Choice fields are Literal-typed, so HfArgumentParser and `diffalign train --help` list their choices.
+Objective = Literal["dpo", "rankdpo", "sft", "ipo", "hinge", "ppd"]
+LossType = Literal["sigmoid", "ipo", "hinge"]
+Tuning = Literal["lora", "full", "none"]  # none: base frozen, only a conditioning hook's weights train (PPD)
+PPDEncoder = Literal["clip", "vlm"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Optimizer = Literal["adamw", "adamw8bit", "adafactor"]
+AttentionBackend = Literal["sdpa", "xformers"]
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+OBJECTIVES, LOSS_TYPES, TUNING, PPD_ENCODERS, MIXED_PRECISION, OPTIMIZERS, ATTENTION, LR_SCHEDULERS = (
+    typing.get_args(t) for t in (Objective, LossType, Tuning, PPDEncoder, MixedPrecision, Optimizer, AttentionBackend, LRScheduler)
+)
+
+
+def option(default=dataclasses.MISSING, help: str = "", **kwargs):
+    """A dataclass field with its help text (shown by `diffalign train --help` and HfArgumentParser)."""
+    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
 class TrainConfig:
     # --- model -----------------------------------------------------------------------------
-    pretrained_model_name_or_path: str = "tiny:sdxl"  # hub id, local path, or tiny:sdxl / tiny:sd3 / tiny:sd3-t5
-    family: str | None = None  # sdxl / sd15 / sd3; None = from the pipeline class
-    revision: str | None = None
-    variant: str | None = None
-    pretrained_vae_model_name_or_path: str | None = None  # e.g. madebyollin/sdxl-vae-fp16-fix
-    prediction_type: str | None = None  # SDXL: epsilon / v_prediction; None = the scheduler's
-    timestep_sampling: str = "logit_normal"  # SD3: logit_normal / mode / uniform
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    loss_weighting: str = "none"  # SD3: none / sigma_sqrt / cosmap
-    max_sequence_length: int = 77  # SD3 T5 tokens
-    model_seed: int = 0  # seed of the random weights of tiny:* models
+    pretrained_model_name_or_path: str = option("tiny:sdxl", "hub id, local path, or tiny:sdxl / tiny:sd3 / tiny:sd3-t5")
+    family: str | None = option(None, "sdxl / sd15 / sd3; None = from the pipeline class")
+    revision: str | None = option(None, "model revision (branch, tag or commit) on the Hub")
+    variant: str | None = option(None, "weights variant, e.g. fp16")
+    pretrained_vae_model_name_or_path: str | None = option(None, "e.g. madebyollin/sdxl-vae-fp16-fix")
+    prediction_type: str | None = option(None, "SDXL: epsilon / v_prediction; None = the scheduler's")
+    timestep_sampling: str = option("logit_normal", "SD3: logit_normal / mode / uniform")
+    logit_mean: float = option(0.0, "SD3 logit_normal timestep sampling: mean")
+    logit_std: float = option(1.0, "SD3 logit_normal timestep sampling: std")
+    mode_scale: float = option(1.29, "SD3 mode timestep sampling: scale")
+    loss_weighting: str = option("none", "SD3: none / sigma_sqrt / cosmap")
+    max_sequence_length: int = option(77, "SD3 T5 tokens")
+    model_seed: int = option(0, "seed of the random weights of tiny:* models")
 
     # --- objective -------------------------------------------------------------------------
-    objective: str = "dpo"  # dpo / rankdpo / sft / ipo / hinge / ppd
-    loss_type: str = "sigmoid"  # for objective=dpo: sigmoid / ipo / hinge
-    beta: float = 5000.0
-    rank_weighting: str = "dcg"  # rankdpo: dcg / none
-    discount_from: str = "true"  # rankdpo: true / predicted
-    # Adds sft_weight x the best sample's denoising error to a preference loss (DPO + NLL, as in RPO): it keeps
-    # the likelihood of preferred images from falling while the losers' rises. 0 = the plain objective.
-    sft_weight: float = 0.0
+    objective: Objective = option("dpo", "dpo / rankdpo / sft / ipo / hinge / ppd")
+    loss_type: LossType = option("sigmoid", "for objective=dpo: sigmoid / ipo / hinge")
+    beta: float = option(5000.0, "KL strength of DPO/RankDPO/PPD (Diffusion-DPO uses 5000 for SDXL)")
+    rank_weighting: str = option("dcg", "rankdpo: dcg / none")
+    discount_from: str = option("true", "rankdpo: true / predicted")
+    sft_weight: float = option(0.0, "Adds sft_weight x the best sample's denoising error to a preference loss (DPO + NLL, as in RPO): it keeps the likelihood of preferred images from falling while the losers' rises. 0 = the plain objective.")
 
     # --- data ------------------------------------------------------------------------------
-    dataset: str | None = None  # parquet folder/file, saved HF dataset, hub id, or synthetic:pairs / synthetic:ranked
-    dataset_schema: str = "auto"  # auto / pairwise / ranked
-    dataset_split: str = "train"
-    hf_cache_dir: str | None = None  # where `datasets` caches parquet / hub data (None = its default)
-    latent_cache: str | None = None  # folder written by `diffalign cache`: the loop then runs only the denoiser
-    resolution: int = 1024
-    crop: str = "center"  # center / random
-    random_flip: bool = False
-    keep_ties: bool = False
-    max_k: int | None = None
-    skip_bad_rows: bool = False
-    max_train_samples: int | None = None
-    dataloader_num_workers: int = 0
-    prompt_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
-    # Run the frozen reference over the run's batches once, before training, and reuse its errors
-    # (as TRL's precompute_ref_log_probs): the training step then runs only the policy. Exact:
-    # noise, timestep and dropout of a group depend only on (seed, epoch, group index).
-    precompute_reference: bool = False
-    # Folder to keep the precomputed reference errors in: later runs with the same model, data, seed and
-    # noising options (e.g. a beta or learning-rate sweep) reuse them instead of recomputing.
-    reference_errors_path: str | None = None
+    dataset: str | None = option(None, "parquet folder/file, saved HF dataset, hub id, or synthetic:pairs / synthetic:ranked")
+    dataset_schema: str = option("auto", "auto / pairwise / ranked")
+    dataset_split: str = option("train", "split of the data set to train on")
+    hf_cache_dir: str | None = option(None, "where `datasets` caches parquet / hub data (None = its default)")
+    latent_cache: str | None = option(None, "folder written by `diffalign cache`: the loop then runs only the denoiser")
+    resolution: int = option(1024, "training resolution in pixels (multiple of 8)")
+    crop: str = option("center", "center / random")
+    random_flip: bool = option(False, "flip images horizontally with probability 0.5")
+    keep_ties: bool = option(False, "keep tied pairs / all-tied lists (dropped by default)")
+    max_k: int | None = option(None, "ranked data: sub-sample every list to at most this many images")
+    skip_bad_rows: bool = option(False, "skip and count bad data rows instead of failing")
+    max_train_samples: int | None = option(None, "use only the first N groups")
+    dataloader_num_workers: int = option(0, "DataLoader worker processes")
+    prompt_dropout: float = option(0.0, "probability of training on the empty prompt (classifier-free guidance)")
+    precompute_reference: bool = option(False, "Run the frozen reference over the run's batches once, before training, and reuse its errors (as TRL's precompute_ref_log_probs): the training step then runs only the policy. Exact: noise, timestep and dropout of a group depend only on (seed, epoch, group index).")
+    reference_errors_path: str | None = option(None, "Folder to keep the precomputed reference errors in: later runs with the same model, data, seed and noising options (e.g. a beta or learning-rate sweep) reuse them instead of recomputing.")
 
     # --- tuning ----------------------------------------------------------------------------
-    tuning: str = "lora"  # lora / full / none (none: the base stays frozen; needs objective=ppd)
-    lora_rank: int = 8
-    lora_alpha: int | None = None  # None = lora_rank
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = None  # None = the family's default
+    tuning: Tuning = option("lora", "lora / full / none (none: the base stays frozen; needs objective=ppd)")
+    lora_rank: int = option(8, "LoRA rank")
+    lora_alpha: int | None = option(None, "None = lora_rank")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_target_modules: list[str] | None = option(None, "None = the family's default")
 
     # --- PPD (objective: ppd; see docs/personalization.md) -------------------------------------
     # The data set must carry user_id (Pick-a-Pic v2). Users with < ppd_min_pairs pairs are dropped
     # (counted and logged); train/test users are disjoint; each user's ppd_num_context pairs are held
     # apart as context examples for the user encoder and never trained on.
-    ppd_encoder: str = "clip"  # user-encoder back-end: clip (open_clip) / vlm (transformers vision-language model)
-    ppd_encoder_model: str | None = None  # clip: open_clip model name (ViT-H-14) or "tiny" (offline random); vlm: hub id or local path
-    ppd_encoder_pretrained: str | None = None  # clip: open_clip pretrained tag or checkpoint file (laion2b_s32b_b79k)
-    ppd_encoder_layer: int = -2  # vlm: hidden-state layer pooled into the example vector
-    ppd_encoder_dim: int = 768  # width of the user-embedding tokens (the encoder head's output)
-    ppd_num_tokens: int = 4  # user-embedding tokens
-    ppd_token_dim: int | None = None  # width of the projected user tokens in the denoiser (None = text-token width)
-    ppd_user_scale: float = 1.0  # scale of the user branch in every adapted attention layer
-    ppd_num_context: int = 4  # context pairs per user (the paper: 4)
-    # Hold this many pairs per user apart and condition each step on a fresh draw of ppd_num_context of them
-    # (None = ppd_num_context, fixed contexts). Meant to keep the encoder from memorising training users; no gain
-    # measured on the toy PPD study (docs/personalization.md, "Ablations").
-    ppd_context_pool: int | None = None
-    ppd_min_pairs: int = 8  # users with fewer pairs are filtered out
-    ppd_test_fraction: float = 0.1  # share of users held out for evaluation (never trained on)
-    ppd_user_dropout: float = 0.0  # share of groups trained with the null user
-    ppd_train_encoder_head: bool = True  # train the encoder head with the user attention
+    ppd_encoder: PPDEncoder = option("clip", "user-encoder back-end: clip (open_clip) / vlm (transformers vision-language model)")
+    ppd_encoder_model: str | None = option(None, 'clip: open_clip model name (ViT-H-14) or "tiny" (offline random); vlm: hub id or local path')
+    ppd_encoder_pretrained: str | None = option(None, "clip: open_clip pretrained tag or checkpoint file (laion2b_s32b_b79k)")
+    ppd_encoder_layer: int = option(-2, "vlm: hidden-state layer pooled into the example vector")
+    ppd_encoder_dim: int = option(768, "width of the user-embedding tokens (the encoder head's output)")
+    ppd_num_tokens: int = option(4, "user-embedding tokens")
+    ppd_token_dim: int | None = option(None, "width of the projected user tokens in the denoiser (None = text-token width)")
+    ppd_user_scale: float = option(1.0, "scale of the user branch in every adapted attention layer")
+    ppd_num_context: int = option(4, "context pairs per user (the paper: 4)")
+    ppd_context_pool: int | None = option(None, 'Hold this many pairs per user apart and condition each step on a fresh draw of ppd_num_context of them (None = ppd_num_context, fixed contexts). Meant to keep the encoder from memorising training users; no gain measured on the toy PPD study (docs/personalization.md, "Ablations").')
+    ppd_min_pairs: int = option(8, "users with fewer pairs are filtered out")
+    ppd_test_fraction: float = option(0.1, "share of users held out for evaluation (never trained on)")
+    ppd_user_dropout: float = option(0.0, "share of groups trained with the null user")
+    ppd_train_encoder_head: bool = option(True, "train the encoder head with the user attention")
 
     # --- optimisation ----------------------------------------------------------------------
-    train_batch_size: int = 1  # groups (pairs or lists) per process per micro-step
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 1000
-    learning_rate: float = 1e-5
-    scale_lr: bool = False  # multiply by train_batch_size * grad_accum * num_processes
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    optimizer: str = "adamw"  # adamw / adamw8bit / adafactor
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no / fp16 / bf16
-    gradient_checkpointing: bool = False
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    torch_compile: bool = False
-    attention_backend: str = "sdpa"  # sdpa / xformers
-    allow_tf32: bool = True
-    seed: int = 0
+    train_batch_size: int = option(1, "groups (pairs or lists) per process per micro-step")
+    gradient_accumulation_steps: int = option(1, "micro-steps per optimizer step")
+    max_train_steps: int = option(1000, "optimizer steps to train")
+    learning_rate: float = option(1e-5, "peak learning rate")
+    scale_lr: bool = option(False, "multiply by train_batch_size * grad_accum * num_processes")
+    lr_scheduler: LRScheduler = option("constant", "learning-rate schedule")
+    lr_warmup_steps: int = option(0, "linear warm-up steps")
+    optimizer: Optimizer = option("adamw", "adamw / adamw8bit / adafactor")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.999, "Adam beta2")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay")
+    adam_epsilon: float = option(1e-8, "Adam epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    mixed_precision: MixedPrecision | None = option(None, 'no / fp16 / bf16; None = the launcher\'s (`accelerate launch` config or --mixed_precision), else "no"')
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
+    use_ema: bool = option(False, "keep an EMA of the trained weights (saved as the final weights)")
+    ema_decay: float = option(0.9999, "EMA decay in (0, 1)")
+    torch_compile: bool = option(False, "torch.compile the denoiser")
+    attention_backend: AttentionBackend = option("sdpa", "sdpa / xformers")
+    allow_tf32: bool = option(True, "allow TF32 matmuls on CUDA")
+    seed: int = option(0, "seed of data order, noise and timesteps")
 
     # --- operations ------------------------------------------------------------------------
-    output_dir: str = "outputs/run"
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
-    # A fresh run (no resume) refuses an output_dir that holds an earlier run's losses or checkpoints;
-    # True deletes those first.
-    overwrite_output_dir: bool = False
-    report_to: str = "tensorboard"  # tensorboard / wandb / none
-    tracker_project_name: str = "diffalign"
-    log_every: int = 1
-    validation_steps: int = 0  # 0 = no validation images
-    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red cube on a blue sphere"])
-    validation_num_inference_steps: int = 20
-    validation_guidance_scale: float = 5.0
-    validation_resolution: int | None = None  # None = resolution
-    progress_bar: bool = True
+    output_dir: str = option("outputs/run", "folder the run writes to")
+    checkpointing_steps: int = option(500, "save a resumable checkpoint every N steps (0: never)")
+    checkpoints_total_limit: int | None = option(None, "keep only the newest N checkpoints (None: all)")
+    resume_from_checkpoint: str | None = option(None, 'a checkpoint folder or "latest"')
+    overwrite_output_dir: bool = option(False, "A fresh run (no resume) refuses an output_dir that holds an earlier run's losses or checkpoints; True deletes those first.")
+    report_to: str = option("tensorboard", "tensorboard / wandb / none")
+    tracker_project_name: str = option("diffalign", "project name for the tracker")
+    log_every: int = option(1, "log metrics to the tracker every N steps")
+    validation_steps: int = option(0, "0 = no validation images")
+    validation_prompts: list[str] = option(help="prompts of the validation images", default_factory=lambda: ["a photo of a cat", "a red cube on a blue sphere"])
+    validation_num_inference_steps: int = option(20, "denoising steps of the validation images")
+    validation_guidance_scale: float = option(5.0, "guidance of the validation images")
+    validation_resolution: int | None = option(None, "None = resolution")
+    progress_bar: bool = option(True, "show a progress bar")
 
     # --- construction ----------------------------------------------------------------------
     def __post_init__(self):
@@ -153,7 +151,8 @@ class TrainConfig:
         choice("objective", OBJECTIVES)
         choice("loss_type", LOSS_TYPES)
         choice("tuning", TUNING)
-        choice("mixed_precision", MIXED_PRECISION)
+        if self.mixed_precision is not None:
+            choice("mixed_precision", MIXED_PRECISION)
         choice("optimizer", OPTIMIZERS)
         choice("attention_backend", ATTENTION)
         choice("lr_scheduler", LR_SCHEDULERS)
@@ -300,7 +299,7 @@ def _coerce(name: str, value, hint):
         if not isinstance(value, bool):
             raise ValueError(f"{name} expects true/false, got {value!r}")
         return value
-    if target is str:
+    if target is str or typing.get_origin(target) is Literal:  # Literal: the choice is checked by validate()
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{name} expects a string, got {value!r}")
         return str(value)

@@ -95,6 +95,12 @@ def group_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def lora_metadata(model) -> dict:
+    """The adapter's peft LoraConfig as a dict (what diffusers' `_collate_lora_metadata` stores): rank, alpha,
+    targets. Without it `load_lora_weights` assumes alpha = rank."""
+    return model.peft_config["default"].to_dict()
+
+
 class _RandomStateWatch(logging.Filter):
     """Catches accelerate's "Could not load random states", which it logs at INFO and otherwise ignores.
 
@@ -193,6 +199,12 @@ def _allow_new_mixed_precision(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
 def _dtype(mixed_precision: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
@@ -212,9 +224,16 @@ class PreferenceTrainer:
 
         config.validate()
         self.config = cfg = config
+        if cfg.mixed_precision is None:  # what Accelerator(mixed_precision=None) would take: the launcher's choice
+            cfg.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+            cfg.validate()
         self._check_output_dir()
         os.makedirs(cfg.output_dir, exist_ok=True)
         log_with = None if cfg.report_to in ("none", "", None) else cfg.report_to
+        if log_with == "tensorboard" and not _tensorboard_installed():
+            logger.warning("report_to=tensorboard, but neither tensorboard nor tensorboardX is installed: metrics go to "
+                           "%s only. pip install 'diffalign[tracking]', or set report_to=none to silence this.", LOSSES_FILE)
+            log_with = None
         _allow_new_mixed_precision(cfg.mixed_precision)
         self.accelerator = Accelerator(
             # Accumulation is done here (manual no_sync), so accelerate must not rescale the loss.
@@ -433,8 +452,11 @@ class PreferenceTrainer:
 
         for model in models:
             if self.accelerator.is_main_process and self.config.tuning == "lora":
-                state = get_peft_model_state_dict(self.accelerator.unwrap_model(model))
+                unwrapped = self.accelerator.unwrap_model(model)
+                state = get_peft_model_state_dict(unwrapped)
                 save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(output_dir, LORA_STATE_FILE))
+                # Beside the resume file, what diffusers scripts write: `load_lora_weights(checkpoint-N)` works.
+                self.adapter.save_lora(output_dir, state, lora_metadata(unwrapped))
         while weights:
             weights.pop()
 
@@ -767,6 +789,15 @@ class PreferenceTrainer:
         acc.print(f"resumed from {path} at step {state['global_step']}")
         return int(state["global_step"])
 
+    def _save_other_components(self, out: str) -> None:
+        """model_index.json and every component but the (already saved) denoiser, as `save_pretrained` lays
+        them out: `<Pipeline>.from_pretrained(output_dir)` then loads the fine-tuned model."""
+        pipe = self.adapter.pipeline()
+        pipe.save_config(out)
+        for name, component in pipe.components.items():
+            if name != self.adapter.denoiser_attr and hasattr(component, "save_pretrained"):
+                component.save_pretrained(os.path.join(out, name))
+
     def save_checkpoint(self, step: int, last_loss: float | None = None) -> str | None:
         cfg, acc = self.config, self.accelerator
         tmp = ckpt.temporary_dir(cfg.output_dir, step)
@@ -827,7 +858,7 @@ class PreferenceTrainer:
             if acc.is_main_process:
                 from peft.utils import get_peft_model_state_dict
 
-                self.adapter.save_lora(cfg.output_dir, get_peft_model_state_dict(model))
+                self.adapter.save_lora(cfg.output_dir, get_peft_model_state_dict(model), lora_metadata(model))
         elif cfg.tuning == "none":
             pass  # the base did not change; the hook saves what trained (below)
         elif acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) or owned:
@@ -845,6 +876,8 @@ class PreferenceTrainer:
                           os.path.join(out, "diffusion_pytorch_model.safetensors"))
         elif acc.is_main_process:
             model.save_pretrained(os.path.join(cfg.output_dir, self.adapter.denoiser_attr), safe_serialization=True)
+        if cfg.tuning == "full" and acc.is_main_process:
+            self._save_other_components(cfg.output_dir)
         if self.conditioning is not None and acc.is_main_process:
             _hook_method(self.conditioning, "save")(cfg.output_dir)
         if self.ppd_split is not None and acc.is_main_process:

@@ -109,6 +109,9 @@ def load_pipeline(
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=variant)
     if lora is not None:
         pipe.load_lora_weights(lora)
+        if not any(pipe.get_list_adapters().values()):
+            raise ValueError(f"LoRA {lora!r} loaded no adapter weights into {model!r}: the file holds no keys for its "
+                             "denoiser or text encoders (a diffalign checkpoint-N folder needs pytorch_lora_weights.safetensors)")
         if lora_scale is not None:
             pipe.fuse_lora(lora_scale=lora_scale)
     pipe.set_progress_bar_config(disable=True)
