@@ -170,3 +170,13 @@ def test_stored_half_loads_as_float32(tmp_path):
     assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.text_encoder_2.dtype, pipe.vae.dtype} == {torch.float32}
     w = comps["unet"].conv_in.weight
     torch.testing.assert_close(pipe.unet.conv_in.weight, w.half().float())
+
+
+def test_lr_schedule_warms_up_holds_then_cools_down_to_a_floor():
+    factor = P._lr_lambda(warmup=10, decay_start=100, decay_steps=50, final_ratio=0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == 1.0 and factor(99) == 1.0
+    assert factor(124) == pytest.approx(1 - 25 / 50 * 0.9) and factor(149) == pytest.approx(0.1)
+    assert factor(10_000) == pytest.approx(0.1)
+    assert P._lr_lambda(10)(10_000) == 1.0  # no cool-down: constant
+    with pytest.raises(ValueError, match="decay_steps"):
+        P.PretrainConfig(decay_start=5, decay_steps=0)

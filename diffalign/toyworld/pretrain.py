@@ -294,6 +294,11 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
+    # Cool-down: from step `decay_start` the lr falls linearly to final_lr_ratio x lr over `decay_steps`, then stays
+    # (None: constant to the end). Pass it when resuming too: the schedule is rebuilt from the config on every start.
+    decay_start: int | None = None
+    decay_steps: int = 0
+    final_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999
@@ -324,6 +329,10 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "vae_batch_size", "save_every", "eval_every", "log_every", "vae_calibration_images"):
             if getattr(self, name) < 0 or (name != "steps" and getattr(self, name) == 0):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.decay_start is not None and (self.decay_start < 0 or self.decay_steps < 1):
+            raise ValueError(f"decay_start needs decay_steps >= 1 and a step >= 0, got {self.decay_start}, {self.decay_steps}")
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -447,8 +456,17 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+def _lr_lambda(warmup: int, decay_start: int | None = None, decay_steps: int = 0, final_ratio: float = 0.0):
+    """Warm-up, constant, then (from `decay_start`) linear down to `final_ratio` over `decay_steps`, where it stays:
+    a warmup-stable-decay schedule."""
+    def factor(step: int) -> float:
+        f = min(1.0, (step + 1) / max(1, warmup))
+        if decay_start is not None and step >= decay_start:
+            done = min(1.0, (step - decay_start + 1) / max(1, decay_steps))
+            f *= 1.0 - done * (1.0 - final_ratio)
+        return f
+
+    return factor
 
 
 def _save_state(path: str, state: dict):
@@ -651,7 +669,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         m.to(device).train()
     params = _named_params(modules)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, cfg.decay_start, cfg.decay_steps,
+                                                              cfg.final_lr_ratio))
     ema = {k: p.detach().clone() for k, p in params.items()}
     step = 0
     last_eval: dict = {}
