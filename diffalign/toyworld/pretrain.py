@@ -777,12 +777,21 @@ def save_pipeline(cfg: PretrainConfig, components: dict, modules: dict, ema: dic
         "family": cfg.family,
         "steps": step,
         "batch_size": cfg.batch_size,
-        "recipe": f"python -m diffalign.toyworld.pretrain --family {cfg.family} --steps {cfg.steps} --batch_size {cfg.batch_size}",
+        "recipe": recipe_command(cfg),
         "last_eval": last_eval,
     }
     with open(os.path.join(cfg.output_dir, "toyworld_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
     return cfg.output_dir
+
+
+def recipe_command(cfg: PretrainConfig) -> str:
+    """The command line that reproduces `cfg` (the options that differ from the defaults; paths and machinery left out)."""
+    default = PretrainConfig(family=cfg.family, output_dir="-", state_dir="-")
+    machinery = {"output_dir", "state_dir", "progress", "device", "num_workers", "time_limit_s", "extra"}
+    options = [f"--{f.name} {getattr(cfg, f.name)}" for f in fields(cfg)
+               if f.name not in machinery and getattr(cfg, f.name) != getattr(default, f.name)]
+    return " ".join(["python -m diffalign.toyworld.pretrain", f"--family {cfg.family}", *[o for o in options if not o.startswith("--family ")]])
 
 
 def store_half(pipeline_dir: str) -> None:

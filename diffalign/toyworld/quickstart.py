@@ -132,7 +132,9 @@ def export_state(state_dir: str, out_root: str, family: str) -> str:
     out = os.path.join(out_root, f"base-{family}-step{state['step']:07d}")
     if os.path.exists(os.path.join(out, "model_index.json")):
         return out
-    cfg = P.PretrainConfig(family=family, output_dir=out, state_dir=state_dir, seed=int(state["config"].get("seed", 0)))
+    known = {f.name for f in dataclasses.fields(P.PretrainConfig)} - {"output_dir", "state_dir", "family"}
+    run_config = {k: v for k, v in state.get("config", {}).items() if k in known}
+    cfg = P.PretrainConfig(family=family, output_dir=out, state_dir=state_dir, **run_config)  # the run's recipe, for its info
     components = P.build_components(family, cfg.seed)
     vae = components["vae"]
     vae.register_to_config(**state["vae_config"])
