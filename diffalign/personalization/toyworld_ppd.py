@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # run as a script: idle OpenMP threads must not spin (set before torch loads OpenMP)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
@@ -45,11 +46,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from diffalign.evaluation.stats import mean_se  # noqa: E402
 from diffalign.personalization.encoder import UserEncoder, UserExample, interpolate_users  # noqa: E402
+from diffalign.toyworld.scenes import IMAGE_SIZE  # noqa: E402
 
 TASTES = ("toy_taste_large", "toy_taste_warm", "toy_taste_cool", "toy_taste_centred")
 AXES = ("size", "warmth", "centredness")
-IMAGE_SIZE = 64
 # Noise-seed blocks: training pool, held-out users' example pool, evaluation. Disjoint by construction.
 POOL_SEED, CONTEXT_SEED, EVAL_SEED = 20_000_000, 30_000_000, 40_000_000
 DEFAULT_TASKS = ("single_object", "two_object", "counting", "position")
@@ -479,12 +481,6 @@ def wins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """1 where a > b, 1/2 on ties, 0 otherwise."""
     a, b = np.asarray(a), np.asarray(b)
     return (a > b).astype(np.float64) + 0.5 * (a == b)
-
-
-def mean_se(x: np.ndarray) -> tuple[float, float]:
-    x = np.asarray(x, dtype=np.float64).ravel()
-    se = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return float(x.mean()), se
 
 
 def monotone_within_noise(means: list[float], diffs_se: list[float], increasing: bool, k: float = 2.0) -> bool:

@@ -4,7 +4,6 @@ one model over another (per prompt, ties count half). Used by `eval/rewards.py`.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 
@@ -81,12 +80,13 @@ def score_all(reward_models: dict, images, prompts: Sequence[str], batch_size: i
 
 def summarize(scores: dict) -> dict:
     """{reward id: {"mean", "stderr", "n"}}; stderr = sample std (ddof 1) / sqrt(n), 0 for n = 1."""
+    from diffalign.evaluation.stats import mean_se
+
     out = {}
     for rid, s in scores.items():
-        s = np.asarray(s, dtype=np.float64)
-        n = len(s)
-        stderr = float(s.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-        out[rid] = {"mean": float(s.mean()), "stderr": stderr, "n": n}
+        mean, stderr = mean_se(s)
+        n = len(np.asarray(s).ravel())
+        out[rid] = {"mean": mean, "stderr": stderr if n > 1 else 0.0, "n": n}
     return out
 
 

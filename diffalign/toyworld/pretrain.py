@@ -37,7 +37,7 @@ from diffalign.toyworld import scenes
 
 CHECKPOINT_ROOT = os.path.join(os.path.dirname(__file__), "checkpoints")
 FAMILIES = ("sdxl", "sd3")
-IMAGE_SIZE = 64
+IMAGE_SIZE = scenes.IMAGE_SIZE
 LATENT_SIZE = 16  # a 3-level VAE: 64x64 images -> 16x16x4 latents, so the denoiser works on 256 positions
 # Wide enough to bind attributes and relations; the 49,408-row embedding sets each encoder's size
 # (48 x 49,408 x 2 B = 4.7 MB in fp16), so this is also what the checkpoint budget buys.

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads must not spin on a shared CPU. Set before torch loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if __name__ == "__main__":  # run as a script: idle OpenMP threads must not spin (set before torch loads OpenMP)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -37,9 +37,10 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from diffalign.toyworld.scenes import IMAGE_SIZE  # noqa: E402
+
 METHODS = ("rankdpo", "dpo", "sft", "ppd")
 FAMILIES = ("sdxl", "sd3")
-IMAGE_SIZE = 64
 # Noise seeds of the evaluation images; synth seeds live far below, so no training image shares noise with them.
 EVAL_SEED = 10_000_000
 
@@ -393,14 +394,14 @@ def evaluate(pipe, rows: list[dict], cfg: QuickstartConfig, desc: str = "eval", 
 
 def paired_deltas(rows: list[dict], before: list[bool], after: list[bool]) -> dict:
     """Per-task and overall accuracy change with paired standard errors (same prompts, same noise)."""
+    from diffalign.evaluation.stats import paired_mean_se
     from diffalign.toyworld import scenes
 
     out, var = {}, 0.0
     tasks = [t for t in scenes.TASKS if any(r["tag"] == t for r in rows)]
     for t in tasks:
-        d = np.array([float(a) - float(b) for r, b, a in zip(rows, before, after) if r["tag"] == t])
-        out[t] = float(d.mean())
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        pairs = [(float(a), float(b)) for r, b, a in zip(rows, before, after) if r["tag"] == t]
+        out[t], se = paired_mean_se([a for a, _ in pairs], [b for _, b in pairs])
         out[t + "_se"] = se
         var += se**2
     out["overall"] = float(np.mean([out[t] for t in tasks]))
