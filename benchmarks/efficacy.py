@@ -30,6 +30,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from diffalign.toyworld import quickstart as Q  # noqa: E402
+from diffalign.toyworld.bases import checkpoint_digest, resolve_base  # noqa: E402
 
 METHODS = ("control", "sft", "dpo", "rankdpo")
 
@@ -56,8 +57,8 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
     fam = state["families"].setdefault(family, {"runs": {}})
     work = os.path.join(cfg.output_dir, family)
     os.makedirs(work, exist_ok=True)
-    base_dir = Q.resolve_base(family, base, work)
-    digest = Q.checkpoint_digest(base_dir)
+    base_dir = resolve_base(family, base, work)
+    digest = checkpoint_digest(base_dir)
     if fam.get("base_digest") not in (None, digest):
         fam["runs"] = {}  # another checkpoint: earlier results do not apply
     fam.update(base_checkpoint=base_dir, base_digest=digest)

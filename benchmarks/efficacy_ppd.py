@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/efficacy_ppd.py --seeds 0 1 2 \\
         --output_dir runs/efficacy_ppd --json benchmarks/results/efficacy_ppd.json
 
-Per seed, `diffalign.personalization.toyworld_ppd.run_toyworld_ppd` draws a population of synthetic users
+Per seed, `diffalign.toyworld.ppd.run_toyworld_ppd` draws a population of synthetic users
 (weighted mixes of the toy taste rewards), trains PPD with the project trainer on the training users and
 measures on held-out users: win rate over the base under the user's own reward with N = 1/2/4/8 example
 pairs (same prompts and noise seeds), user specificity (images from another held-out user's examples) and
@@ -24,7 +24,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from diffalign.personalization import toyworld_ppd as T  # noqa: E402
+from diffalign.toyworld import ppd as T  # noqa: E402
 
 
 def _save(path: str, state: dict) -> None:

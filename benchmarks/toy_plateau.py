@@ -21,7 +21,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from diffalign.toyworld import pretrain as P  # noqa: E402
-from diffalign.toyworld.quickstart import export_state  # noqa: E402
+from diffalign.toyworld.bases import export_state  # noqa: E402
 
 
 def run_seconds(state_dir: str, family: str) -> float:

@@ -183,7 +183,7 @@ def test_bad_config_and_missing_checkpoint_message(tmp_path, monkeypatch):
 def test_method_ppd_runs_the_toy_ppd_study(monkeypatch, tmp_path, capsys):
     """`--method ppd` hands the output folder, seed and base to the toy PPD study and prints its table."""
     from diffalign.cli import main
-    from diffalign.personalization import toyworld_ppd
+    from diffalign.toyworld import ppd as toyworld_ppd
 
     calls = []
     fake = {"method": "ppd", "family": "sdxl", "seconds": 1.0,

@@ -1,4 +1,4 @@
-"""Toy-world PPD efficacy run (diffalign.personalization.toyworld_ppd) with tiny budgets on the shipped toy-sdxl."""
+"""Toy-world PPD efficacy run (diffalign.toyworld.ppd) with tiny budgets on the shipped toy-sdxl."""
 
 import json
 import os
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffalign.personalization import toyworld_ppd as T
 from diffalign.personalization.encoder import UserExample, interpolate_users
+from diffalign.toyworld import ppd as T
 
 TINY = dict(num_train_users=4, num_test_users=4, num_prompts=4, images_per_prompt=3, context_images=2, train_steps=3,
             batch_size=4, eval_prompts=3, num_inference_steps=2, num_examples=(1, 2), specificity_examples=2,

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from diffalign.toyworld.bases import checkpoint_digest, export_state, resolve_base  # noqa: E402,F401 (part of this API)
 from diffalign.toyworld.scenes import IMAGE_SIZE  # noqa: E402
 
 METHODS = ("rankdpo", "dpo", "sft", "ppd")
@@ -104,76 +105,6 @@ class QuickstartConfig:
 # ------------------------------------------------------------------------------------------------
 # Model source
 # ------------------------------------------------------------------------------------------------
-
-
-def _missing_checkpoint(family: str, where: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"no toy-{family} checkpoint at {where}. Build one with `python -m diffalign.toyworld.pretrain --family {family}` "
-        f"(it writes diffalign/toyworld/checkpoints/toy-{family}; about 90 min on 2 CPU cores), or point --base at a toy "
-        "pipeline folder (with model_index.json) or at a running pretrain's --state_dir (with state.pt)."
-    )
-
-
-def export_state(state_dir: str, out_root: str, family: str) -> str:
-    """Write the EMA weights of a (possibly still running) pretrain run as a toy pipeline; returns its folder.
-
-    Reuses an earlier export of the same step. The pretrain saves `state.pt` atomically, so reading it
-    while the run goes on is safe.
-    """
-    import torch
-
-    from diffalign.toyworld import pretrain as P
-
-    state = torch.load(os.path.join(state_dir, "state.pt"), map_location="cpu", weights_only=True)
-    if state.get("stage") != "denoiser":
-        raise ValueError(f"{state_dir} is still in stage 1 (VAE training); wait for the denoiser stage to save a state")
-    run_family = state.get("config", {}).get("family", family)
-    if run_family != family:
-        raise ValueError(f"{state_dir} holds a toy-{run_family} run, not toy-{family}; pass --family {run_family}")
-    out = os.path.join(out_root, f"base-{family}-step{state['step']:07d}")
-    if os.path.exists(os.path.join(out, "model_index.json")):
-        return out
-    known = {f.name for f in dataclasses.fields(P.PretrainConfig)} - {"output_dir", "state_dir", "family"}
-    run_config = {k: v for k, v in state.get("config", {}).items() if k in known}
-    cfg = P.PretrainConfig(family=family, output_dir=out, state_dir=state_dir, **run_config)  # the run's recipe, for its info
-    components = P.build_components(family, cfg.seed)
-    vae = components["vae"]
-    vae.register_to_config(**state["vae_config"])
-    vae.load_state_dict(state["vae"])
-    modules = P._trainable(components)
-    P.save_pipeline(cfg, components, modules, state["ema"], state["step"], state.get("last_eval", {}))
-    return out
-
-
-def resolve_base(family: str, base: str | None, work_dir: str) -> str:
-    """The folder of the toy pipeline to align (see `QuickstartConfig.base`)."""
-    from diffalign.toyworld.pretrain import CHECKPOINT_ROOT
-
-    if base is None:
-        path = os.path.join(CHECKPOINT_ROOT, f"toy-{family}")
-        if not os.path.exists(os.path.join(path, "model_index.json")):
-            raise _missing_checkpoint(family, path)
-        return path
-    if os.path.exists(os.path.join(base, "model_index.json")):
-        return base
-    if os.path.exists(os.path.join(base, "state.pt")):
-        return export_state(base, work_dir, family)
-    raise _missing_checkpoint(family, base)
-
-
-def checkpoint_digest(path: str) -> str:
-    """A short digest of a pipeline folder's weights (names, sizes and the first MB of each file)."""
-    h = hashlib.sha256()
-    for root, _, files in sorted(os.walk(path)):
-        for name in sorted(files):
-            if not name.endswith((".safetensors", ".json")):
-                continue
-            p = os.path.join(root, name)
-            h.update(os.path.relpath(p, path).encode())
-            with open(p, "rb") as f:
-                h.update(f.read(1 << 20))
-            h.update(str(os.path.getsize(p)).encode())
-    return h.hexdigest()[:16]
 
 
 def load_base_pipeline(family: str, path: str, scheduler: str | None = None):
@@ -551,10 +482,10 @@ def _cached_eval(path: str, key: dict, make) -> dict:
 
 def run_ppd(cfg: QuickstartConfig) -> dict:
     """`--method ppd`: personalization is measured by held-out synthetic users' win rates, not by GenEval
-    (diffalign.personalization.toyworld_ppd; docs/personalization.md)."""
+    (diffalign.toyworld.ppd; docs/personalization.md)."""
     import torch
 
-    from diffalign.personalization.toyworld_ppd import run_quickstart_ppd
+    from diffalign.toyworld.ppd import run_quickstart_ppd
 
     if cfg.family != "sdxl":
         raise ValueError("--method ppd runs on toy-sdxl only (the personalized pipelines are SDXL/SD3, the toy PPD study is SDXL)")
@@ -716,7 +647,7 @@ def run(args) -> int:
     _quiet_loading_bars()
     results = run_quickstart(cfg)
     if cfg.method == "ppd":
-        from diffalign.personalization.toyworld_ppd import format_table as ppd_table
+        from diffalign.toyworld.ppd import format_table as ppd_table
 
         print(ppd_table({**results, "interpolation": {**results["interpolation_summary"], "points": results["interpolation"]}}))
         print(f"total {results['seconds']:.0f} s; wrote {os.path.join(cfg.output_dir, 'results.json')}")

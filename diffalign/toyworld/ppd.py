@@ -1,6 +1,6 @@
 """PPD efficacy in the toy world: held-out synthetic users on the shipped toy-sdxl (issue 7, PPD part).
 
-    from diffalign.personalization.toyworld_ppd import ToyWorldPPDConfig, run_toyworld_ppd
+    from diffalign.toyworld.ppd import ToyWorldPPDConfig, run_toyworld_ppd
     results = run_toyworld_ppd(ToyWorldPPDConfig(output_dir="runs/toyworld_ppd", seed=0))
 
 1. **Users.** A user is a weighted mix of the toy taste rewards (`toy_taste_large`, `toy_taste_warm`,
@@ -502,7 +502,7 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
     from diffalign.personalization.attention import load_user_attention
     from diffalign.personalization.training import ENCODER_HEAD_FILE, USER_ATTENTION_FILE, prepare_ppd
     from diffalign.pipelines import PersonalizedStableDiffusionXLPipeline
-    from diffalign.toyworld import quickstart as Q
+    from diffalign.toyworld.bases import checkpoint_digest, resolve_base
     from diffalign.toyworld.pretrain import load_toy_pipeline
     from diffalign.training.config import TrainConfig
     from diffalign.training.trainer import PreferenceTrainer
@@ -513,8 +513,8 @@ def run_toyworld_ppd(cfg: ToyWorldPPDConfig) -> dict:
     stage = {}
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
-    base_dir = Q.resolve_base("sdxl", cfg.base, out)
-    digest = Q.checkpoint_digest(base_dir)
+    base_dir = resolve_base("sdxl", cfg.base, out)
+    digest = checkpoint_digest(base_dir)
     gen_key = {"model": digest, "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale}
     cache_dir = os.path.join(out, f"cache-{_digest(gen_key)}")
     os.makedirs(cache_dir, exist_ok=True)
