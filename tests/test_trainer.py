@@ -359,6 +359,10 @@ def test_output_dir_of_an_earlier_run_is_refused_and_resume_must_keep_the_config
     assert ckpt.latest_checkpoint(str(tmp_path / "run")) is None
 
 
+def test_yaml_no_is_mixed_precision_no():
+    assert TrainConfig.from_yaml(None, ["mixed_precision=no", "output_dir=x"]).mixed_precision == "no"
+
+
 def test_mixed_precision_comes_from_the_launcher_unless_set(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from its config
     trainer = PreferenceTrainer(tiny(tmp_path, "launcher"))

@@ -299,6 +299,11 @@ def _coerce(name: str, value, hint):
         if not isinstance(value, bool):
             raise ValueError(f"{name} expects true/false, got {value!r}")
         return value
+    if typing.get_origin(target) is Literal and isinstance(value, bool):
+        # YAML 1.1 reads `mixed_precision=no` as False: map it back to the choice it spelled.
+        spelled = [c for c in typing.get_args(target) if c in (("yes", "true", "on") if value else ("no", "false", "off"))]
+        if len(spelled) == 1:
+            return spelled[0]
     if target is str or typing.get_origin(target) is Literal:  # Literal: the choice is checked by validate()
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{name} expects a string, got {value!r}")
