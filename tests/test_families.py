@@ -182,3 +182,15 @@ def test_load_family_tiny_and_bad_name():
         load_family("tiny:sd9")
     with pytest.raises(ValueError, match="loss_weighting"):
         load_family("tiny:sd3", loss_weighting="snr")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_group_encoding_is_one_pass_with_each_groups_own_draws(family, sdxl_pipe):
+    pipe = sdxl_pipe if family == "sdxl" else tiny_sd3_pipeline(0, with_t5=False)
+    fam = get_family(family).from_pipeline(pipe)
+    px = torch.rand(3, 2, 3, 64, 64) * 2 - 1  # 3 groups of 2 images
+    with torch.no_grad():
+        together = fam.encode_image_groups(px, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+        apart = torch.stack([fam.encode_images(px[i], generator=torch.Generator().manual_seed(s)) for i, s in enumerate((5, 6, 7))])
+    assert together.shape == apart.shape
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-4)

@@ -25,6 +25,21 @@ class FamilyAdapter:
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE posterior sample -> the denoiser's latent space (the family's shift and scaling)."""
+        raise NotImplementedError
+
+    def encode_image_groups(self, pixel_values: torch.Tensor, generators: list) -> torch.Tensor:
+        """(b, k, 3, H, W) -> (b, k, C, h, w) in one VAE pass; group i's posterior sample is drawn from
+        generators[i] exactly as `encode_images(pixel_values[i], generators[i])` draws it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        b, k = pixel_values.shape[:2]
+        dist = self.vae.encode(pixel_values.flatten(0, 1).to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+        mean, std = dist.mean.unflatten(0, (b, k)), dist.std.unflatten(0, (b, k))
+        draws = [randn_tensor(mean[i].shape, generator=g, device=mean.device, dtype=mean.dtype) for i, g in enumerate(generators)]
+        return self.scale_latents(mean + std * torch.stack(draws))
+
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
         raise NotImplementedError
 

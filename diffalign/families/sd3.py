@@ -118,8 +118,11 @@ class SD3Family(FamilyAdapter):
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (N, 3, H, W) in [-1, 1], got {tuple(pixel_values.shape)}")
         dist = self.vae.encode(pixel_values.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
+        return self.scale_latents(dist.sample(generator))
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
         cfg = self.vae.config
-        return (dist.sample(generator) - cfg.shift_factor) * cfg.scaling_factor
+        return (z - cfg.shift_factor) * cfg.scaling_factor
 
     @property
     def vae_scale_factor(self) -> int:

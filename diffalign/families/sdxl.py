@@ -109,7 +109,10 @@ class SDXLFamily(FamilyAdapter):
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (N, 3, H, W) in [-1, 1], got {tuple(pixel_values.shape)}")
         dist = self.vae.encode(pixel_values.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist
-        return dist.sample(generator) * self.vae.config.scaling_factor
+        return self.scale_latents(dist.sample(generator))
+
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.vae.config.scaling_factor
 
     @property
     def vae_scale_factor(self) -> int:

@@ -515,7 +515,7 @@ class PreferenceTrainer:
         else:
             px = batch["pixel_values"].to(self.device)
             gens = self._generators(batch, micro_step, 0)
-            latents = torch.stack([adapter.encode_images(px[i], generator=gens[i]).float() for i in range(b)])
+            latents = adapter.encode_image_groups(px, gens).float()  # one VAE pass for the step's groups
         text = batch.get("text")
         if text is None:
             text = adapter.encode_prompts(list(batch["prompts"]))
