@@ -603,31 +603,34 @@ def _instrument(trainer, holder: dict, timers: dict) -> _Instrument:
         holder["prof"].step()  # ProfilerStep#n = one loop iteration: optimizer step, its logging, the next batch
 
     ins.wrap(trainer, "optimizer_step", "optimizer_step (glue)", before=step_boundary)
-    ins.wrap(trainer, "compute_loss", "compute_loss (glue: isfinite checks, .item())")
-    ins.wrap(trainer, "prepare_inputs", "prepare_inputs (glue: casts, dict building)")
-    ins.wrap(trainer, "reference_errors", "reference_errors (glue)")
-    ins.wrap(trainer, "_generators", "per-group torch.Generator seeding (SeedSequence)")
-    ins.wrap(trainer, "_reference_context", "hooks: reference/policy context construction")
-    ins.wrap(trainer, "_policy_context", "hooks: reference/policy context construction")
     unet = trainer.unwrapped
-    ins.wrap(unet, "disable_adapters", "LoRA adapters off/on (peft toggle for the reference)")
-    ins.wrap(unet, "enable_adapters", "LoRA adapters off/on (peft toggle for the reference)")
-    ins.wrap(adapter, "encode_images", "VAE encode")
-    ins.wrap(adapter, "encode_prompts", "text encoders")
-    ins.wrap(adapter, "predict",
-             lambda: "denoiser forward (policy)" if torch.is_grad_enabled() else "denoiser forward (reference, no grad)")
-    ins.wrap(adapter, "group_noise_and_timesteps", "noise + timestep draws")
-    ins.wrap(adapter, "micro_conditioning", "micro-conditioning time_ids")
-    ins.wrap(adapter, "training_inputs", "x_t and target (training_inputs)")
-    ins.wrap(acc, "backward", "denoiser backward (accelerator.backward)")
-    ins.wrap(acc, "reduce", "accelerator.reduce (loss / metrics / non-finite flag)")
-    ins.wrap(acc, "clip_grad_norm_", "clip_grad_norm_")
-    ins.wrap(trainer.optimizer, "step", "optimizer.step (AdamW)")
-    ins.wrap(trainer.optimizer, "zero_grad", "zero_grad + lr_scheduler.step")
-    ins.wrap(trainer.lr_scheduler, "step", "zero_grad + lr_scheduler.step")
-    ins.wrap(diffalign.kernels, "per_sample_error", "per_sample_error (error kernel dispatch)")
-    ins.wrap(diffalign.objectives, "compute", "objective + metrics (objectives.compute)")
-    ins.wrap(diffalign.families, "repeat_groups", "repeat text embeddings per group")
+    toggle = "LoRA adapters off/on (peft toggle for the reference)"
+    contexts = "hooks: reference/policy context construction"
+    steps = "zero_grad + lr_scheduler.step"
+    labels = [
+        (trainer, "compute_loss", "compute_loss (glue: isfinite checks, .item())"),
+        (trainer, "prepare_inputs", "prepare_inputs (glue: casts, dict building)"),
+        (trainer, "reference_errors", "reference_errors (glue)"),
+        (trainer, "_generators", "per-group torch.Generator seeding (SeedSequence)"),
+        (trainer, "_reference_context", contexts), (trainer, "_policy_context", contexts),
+        (unet, "disable_adapters", toggle), (unet, "enable_adapters", toggle),
+        (adapter, "encode_image_groups", "VAE encode"), (adapter, "encode_prompts", "text encoders"),
+        (adapter, "predict",
+         lambda: "denoiser forward (policy)" if torch.is_grad_enabled() else "denoiser forward (reference, no grad)"),
+        (adapter, "group_noise_and_timesteps", "noise + timestep draws"),
+        (adapter, "micro_conditioning", "micro-conditioning time_ids"),
+        (adapter, "training_inputs", "x_t and target (training_inputs)"),
+        (acc, "backward", "denoiser backward (accelerator.backward)"),
+        (acc, "reduce", "accelerator.reduce (loss / metrics / non-finite flag)"),
+        (acc, "clip_grad_norm_", "clip_grad_norm_"),
+        (trainer.optimizer, "step", "optimizer.step (AdamW)"),
+        (trainer.optimizer, "zero_grad", steps), (trainer.lr_scheduler, "step", steps),
+        (diffalign.kernels, "per_sample_error", "per_sample_error (error kernel dispatch)"),
+        (diffalign.objectives, "compute", "objective + metrics (objectives.compute)"),
+        (diffalign.families, "repeat_groups", "repeat text embeddings per group"),
+    ]
+    for owner, name, label in labels:
+        ins.wrap(owner, name, label)
     ins.wrap(trainer_module, "collate_keyed", "data: collate")
     ins.wrap(trainer_module.KeyedDataset, "__getitem__", "data: read + decode + transform (dataset __getitem__)")
     ins.wrap(tqdm.auto.tqdm, "update", "progress bar (tqdm)")

@@ -276,6 +276,7 @@ def build_cache(
         "rows_encoded": sum(len(shard_rows(s, num_rows, shard_size)) for s in todo) - skipped_now,
         "skipped_rows": skipped_now,
         "complete": not missing,
+        "missing_shards": len(missing),
     }
     logger.info("cache %s: wrote %d shards, resumed %d, %d bad rows skipped", out, len(todo), len(resumed), skipped_now)
     return summary
@@ -527,7 +528,6 @@ def _run_cli(args: argparse.Namespace) -> int:
     )
     state.wait_for_everyone()
     if state.is_main_process:
-        missing = [s for s in range(summary["num_shards"]) if shard_problem(Path(args.out) / shard_name(s, summary["num_shards"]))]
-        print(json.dumps({"out": args.out, "rows": len(dataset), "shards": summary["num_shards"], "missing_shards": len(missing),
+        print(json.dumps({"out": args.out, "rows": len(dataset), "shards": summary["num_shards"], "missing_shards": summary["missing_shards"],
                           "skipped_rows_at_load": skipped_at_load, "skipped_rows_while_encoding": summary["skipped_rows"]}))
     return 0

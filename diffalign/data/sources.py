@@ -31,7 +31,8 @@ def open_source(source: Any, *, split: str = "train", cache_dir: str | None = No
     """Open `source` as a `datasets.Dataset`.
 
     - a `datasets.Dataset` (or `DatasetDict`, then `split` is taken) is used as is;
-    - a `.parquet` file, or a folder whose `*.parquet` files (searched recursively, sorted) form the data;
+    - a `.parquet` file, or a folder of `*.parquet` files (searched recursively) whose `split` is chosen by
+      datasets' file-name rules (`parquet_splits`);
     - a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (read with `load_from_disk`);
     - anything else that is not a local path is taken as a hub id and read with `datasets.load_dataset` (network).
     """
@@ -61,8 +62,7 @@ def open_source(source: Any, *, split: str = "train", cache_dir: str | None = No
             if isinstance(loaded, datasets.DatasetDict):
                 return _pick_split(loaded, split, str(path))
             return loaded
-        files = sorted(str(p) for p in path.rglob("*.parquet"))
-        if not files:
+        if next(path.rglob("*.parquet"), None) is None:
             raise FileNotFoundError(
                 f"{path} holds no *.parquet files and is not a save_to_disk folder. "
                 "Fix: point at the folder that `diffalign synth` wrote, a Pick-a-Pic parquet folder, or a save_to_disk folder."

@@ -37,7 +37,7 @@ class PathPolicy:
         self.roots = []
         for r in roots:
             real = os.path.realpath(os.path.expanduser(r))
-            real = real if os.path.isdir(real) or not os.path.splitext(real)[1] else os.path.dirname(real)
+            real = os.path.dirname(real) if os.path.isfile(real) else real
             if real not in self.roots:
                 self.roots.append(real)
 

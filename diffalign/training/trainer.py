@@ -758,7 +758,7 @@ class PreferenceTrainer:
                 f"output_dir {cfg.output_dir} holds an earlier run ({shown}). Continue it with "
                 "resume_from_checkpoint=latest, replace it with overwrite_output_dir=true, or pick another output_dir"
             )
-        if earlier and int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
+        if earlier and int(os.environ.get("RANK", "0")) == 0:  # the global first process deletes, once
             ckpt.remove_earlier_run(cfg.output_dir, earlier)
 
     def _resume(self) -> int:
