@@ -5,8 +5,8 @@ step, so a variant's log.jsonl losses compare step by step with another run's.
         --state_dir runs/s6/sd3-qk --output_dir runs/s6/sd3-qk-out --steps 750 --batch_size 64 --eval_every 500 \
         --eval_per_task 20 --guidance_scale 5.0 --save_every 250
 
-The JSON object overrides `SD3Transformer2DModel` arguments of `pretrain.toy_sd3_transformer`; the rest are the
-pretrain's own flags.
+The JSON object overrides `SD3Transformer2DModel` arguments of `pretrain.toy_sd3_transformer` (and `"init":
+"adaln_zero"` applies `pretrain.adaln_zero_init`); the rest are the pretrain's own flags.
 """
 
 import json
@@ -23,9 +23,16 @@ def variant_transformer(overrides: dict):
                   attention_head_dim=24, num_attention_heads=4, caption_projection_dim=96,
                   joint_attention_dim=2 * P.TEXT_HIDDEN, pooled_projection_dim=2 * P.TEXT_HIDDEN,
                   pos_embed_max_size=P.LATENT_SIZE // P.SD3_PATCH)
-        kw.update(overrides)
+        arch = dict(overrides)
+        init = arch.pop("init", None)
+        kw.update(arch)
         kw["pos_embed_max_size"] = P.LATENT_SIZE // kw["patch_size"]
-        return SD3Transformer2DModel(**kw)
+        model = SD3Transformer2DModel(**kw)
+        if init == "adaln_zero":
+            P.adaln_zero_init(model)
+        elif init is not None:
+            raise ValueError(f"unknown init {init!r}; expected 'adaln_zero'")
+        return model
 
     return build
 

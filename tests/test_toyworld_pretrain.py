@@ -23,6 +23,32 @@ def test_text_encoding_matches_the_pipeline(family):
     torch.testing.assert_close(pooled, ref_pooled)
 
 
+def test_toy_sd3_starts_as_dit_adaln_zero_and_trains():
+    torch.manual_seed(0)
+    model = P.toy_sd3_transformer()
+    model.set_attn_processor(P.RepeatedTokenJointAttnProcessor())
+    assert model.config.qk_norm == "rms_norm"
+    x = torch.randn(2, 4, P.LATENT_SIZE, P.LATENT_SIZE)
+    ctx, pooled = torch.randn(2, 77, 2 * P.TEXT_HIDDEN), torch.randn(2, 2 * P.TEXT_HIDDEN)
+
+    def forward():
+        return model(hidden_states=x, timestep=torch.tensor([100.0, 900.0]), encoder_hidden_states=ctx,
+                     pooled_projections=pooled, joint_attention_kwargs={"last_token_repeats": P.SD3_ZERO_TOKENS}).sample
+
+    # Zero modulation and output projection: the model starts at exactly 0 (DiT's adaLN-Zero)...
+    out = forward()
+    assert torch.count_nonzero(out) == 0
+    assert all(torch.count_nonzero(b.norm1.linear.weight) == 0 for b in model.transformer_blocks)
+    # ... and gradients still reach every block: two steps later the blocks' modulation has moved.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        (forward() - x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.count_nonzero(forward()) > 0
+    assert all(torch.count_nonzero(b.norm1.linear.weight) > 0 for b in model.transformer_blocks)
+
+
 def _run(tmp_path, family, steps, **kw):
     cfg = P.PretrainConfig(
         family=family,
