@@ -266,7 +266,7 @@ def test_differentiable_path_matches_pil_and_has_gradients(tiny_clip):
 
 @pytest.mark.skipif(importlib.util.find_spec("ImageReward") is not None, reason="ImageReward is installed")
 def test_imagereward_missing_extra_is_clear():
-    with pytest.raises(ImportError, match="pip install image-reward"):
+    with pytest.raises(ImportError, match=r"diffalign\[imagereward\]"):
         rewards.load("imagereward")
 
 

@@ -252,6 +252,18 @@ def test_end_to_end_interrupted_and_resumed_equals_clean_run(tmp_path):
     item = ds[0]
     assert tuple(item["pixel_values"].shape) == (2, 3, 32, 32)
 
+    # ... and so does `datasets`, beside synth_config.json: the shards are the train split.
+    from datasets import load_dataset
+
+    hub = load_dataset("parquet", data_dir=str(tmp_path / "resumed"), split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(hub["prompt_id"]) == sorted(r["prompt_id"] for r in b.to_pylist())
+
+    # Shards of an older version (data-*.parquet) are refused, not written again beside themselves.
+    for shard in (tmp_path / "resumed").glob("train-*.parquet"):
+        shard.rename(shard.with_name(shard.name.replace("train-", "data-")))
+    with pytest.raises(ValueError, match="3 shard\\(s\\) named data-\\*.parquet"):
+        run_synth(_config(tmp_path, tmp_path / "resumed"))
+
 
 def test_processes_split_the_chunks(tmp_path):
     """Two ranks (run one after the other with a stand-in state) write disjoint chunks that cover all prompts."""
@@ -275,7 +287,7 @@ def test_processes_split_the_chunks(tmp_path):
         assert stats.skipped_bad_prompts == 2 and stats.num_prompts == 8
         written.append(sorted(p.name for p in (tmp_path / "split").glob("*.parquet")))
         assert stats.shards_written == (1 if rank == 1 else 2)
-    assert written[0] == ["data-00001-of-00003.parquet"]
+    assert written[0] == ["train-00001-of-00003.parquet"]
     records = _records(read_synpic(str(tmp_path / "split")))
     assert len(records) == 16 and len(set(records)) == 16
     assert sorted({r[0] for r in records}, key=int) == ["0", "1", "2", "3", "6", "7", "8", "9"]

@@ -54,8 +54,24 @@ def test_config_yaml_overrides_and_unknown_keys(tmp_path):
         TrainConfig.from_yaml(None, ["objective=dpa"])
     with pytest.raises(ValueError, match="key=value"):
         TrainConfig.from_yaml(None, ["learning_rate"])
-    with pytest.raises(FileNotFoundError, match="train/configs"):
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped config; shipped: .*tiny_sdxl_dpo"):
         TrainConfig.from_yaml(str(tmp_path / "missing.yaml"))
+
+
+def test_shipped_config_by_name(tmp_path, monkeypatch):
+    import diffalign.training
+    from diffalign.training.config import CONFIG_DIR, available_configs
+
+    # Shipped inside the package (so a wheel carries them); train/configs in a checkout points there.
+    assert os.path.dirname(CONFIG_DIR) == os.path.dirname(diffalign.training.__file__)
+    assert os.path.samefile(os.path.join(REPO, "train", "configs"), CONFIG_DIR)
+    assert {"sdxl_dpo", "sdxl_rankdpo", "sd3_rankdpo", "tiny_sdxl_dpo"} <= set(available_configs())
+    by_path = TrainConfig.from_yaml(os.path.join(REPO, "train", "configs", "tiny_sdxl_dpo.yaml"))
+    monkeypatch.chdir(tmp_path)  # outside a checkout: names and the documented relative path still resolve
+    for spelling in ("tiny_sdxl_dpo", "tiny_sdxl_dpo.yaml", "train/configs/tiny_sdxl_dpo.yaml"):
+        assert TrainConfig.from_yaml(spelling) == by_path
+    with pytest.raises(FileNotFoundError, match="shipped: "):
+        TrainConfig.from_yaml("other/dir/tiny_sdxl_dpo.yaml")
 
 
 def test_shipped_configs_load():

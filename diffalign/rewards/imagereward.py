@@ -1,4 +1,4 @@
-"""ImageReward (Xu et al. 2023), through its own package (an optional extra: `pip install image-reward`)."""
+"""ImageReward (Xu et al. 2023), through its own package (the optional extra: `pip install "diffalign[imagereward]"`)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,6 @@ def imagereward(model_name_or_path: str = "ImageReward-v1.0", **kwargs) -> Image
         import ImageReward as RM
     except ImportError as e:
         raise ImportError("the 'imagereward' reward needs the optional ImageReward package: "
-                          "pip install image-reward") from e
+                          'pip install "diffalign[imagereward]"') from e
     device = kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     return ImageReward(RM.load(model_name_or_path, device=str(device)), **kwargs)

@@ -4,7 +4,7 @@ On-disk progress (all under `output_dir`), designed so a killed run restarted wi
 ends with exactly one record per (prompt, generator, seed):
 
     synth_config.json                  what the run is; a restart with different arguments is refused
-    data-CCCCC-of-NNNNN.parquet        finished chunk C (written to a temporary name, then renamed)
+    train-CCCCC-of-NNNNN.parquet       finished chunk C (written to a temporary name, then renamed)
     .progress/chunk-CCCCC/             unfinished chunk C:
         img-G-IIIIIIII-J.png           image J of prompt index I by generator G (temp name, then rename)
         scores-R.npy                   reward R's scores for the whole chunk (temp name, then rename)
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import glob
 import hashlib
 import json
 import logging
@@ -180,6 +181,11 @@ def _check_or_write_config(cfg: SynthConfig, prompts: list[Prompt], state) -> No
     fp = cfg.fingerprint(prompts)
     if state.is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
+        legacy = sorted(glob.glob(os.path.join(cfg.output_dir, "data-*-of-*.parquet")))
+        if legacy:
+            # Resuming beside them would write every chunk again under the new names: duplicate records.
+            raise ValueError(f"{cfg.output_dir} holds {len(legacy)} shard(s) named data-*.parquet from an older "
+                             "diffalign; rename them to train-*.parquet (same numbers) to resume this run")
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)

@@ -34,7 +34,9 @@ PICKAPIC_SCHEMA = pa.schema([
 
 
 def shard_name(shard: int, num_shards: int) -> str:
-    return f"data-{shard:05d}-of-{num_shards:05d}.parquet"
+    # The Hub's split pattern: `load_dataset("parquet", data_dir=...)` reads these as the train split and
+    # leaves synth_config.json beside them alone (with `data-*` names it tried to parse it as parquet).
+    return f"train-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
 def encode_png(image) -> bytes:
@@ -117,6 +119,6 @@ def export_pairwise(synpic_dir: str, out_dir: str, mode: str = "best_worst") -> 
                 pairs.append({"caption": row["prompt"], "jpg_0": images[a], "jpg_1": images[b],
                               "label_0": _label(phi[a], phi[b])})
         write_atomic(pa.Table.from_pylist(pairs, schema=PICKAPIC_SCHEMA),
-                     os.path.join(out_dir, os.path.basename(path).replace("data-", "pairs-")))
+                     os.path.join(out_dir, os.path.basename(path).replace("train-", "pairs-", 1)))
         total += len(pairs)
     return total

@@ -22,9 +22,10 @@ def _without_none(hint):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from diffalign.training.config import TrainConfig
+    from diffalign.training.config import TrainConfig, available_configs
 
-    parser.add_argument("--config", "-c", default=None, help="YAML config (see train/configs/); keys of diffalign.training.TrainConfig")
+    parser.add_argument("--config", "-c", default=None, help="YAML file, or the name of a shipped config ("
+                        f"{', '.join(available_configs())}); keys of diffalign.training.TrainConfig")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides; they win over the file")
     parser.add_argument("--print-config", "--print_config", action="store_true", help="print the resolved config as JSON and exit")
     group = parser.add_argument_group(FIELDS_GROUP)
@@ -71,7 +72,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train with DPO / RankDPO / SFT / PPD (run under `accelerate launch` for several GPUs)",
-        description="Preference training. Example: diffalign train --config train/configs/tiny_sdxl_dpo.yaml --max_train_steps 5",
+        description="Preference training. Example: diffalign train --config tiny_sdxl_dpo --max_train_steps 5",
     )
     add_arguments(parser)
     parser.set_defaults(func=run)

@@ -246,8 +246,7 @@ class TrainConfig:
 
         values: dict = {}
         if path is not None:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"config file {path} does not exist (configs ship in train/configs/)")
+            path = resolve_config_path(path)
             with open(path, encoding="utf-8") as f:
                 loaded = yaml.safe_load(f) or {}
             if not isinstance(loaded, dict):
@@ -261,6 +260,28 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")  # also reachable as train/configs in a checkout
+
+
+def available_configs() -> list[str]:
+    """Names of the configs shipped with the package (`diffalign train --config NAME`)."""
+    return sorted(f[: -len(".yaml")] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A YAML file as given; else a shipped config, by name (`sdxl_dpo`, `sdxl_dpo.yaml`) or by its checkout
+    path (`train/configs/sdxl_dpo.yaml`, so the documented commands also work from an installed wheel)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    head, file = os.path.split(name_or_path)
+    name = file.removesuffix(".yaml")
+    if name in available_configs() and head.replace(os.sep, "/").rstrip("/") in ("", "train/configs"):
+        return os.path.join(CONFIG_DIR, f"{name}.yaml")
+    raise FileNotFoundError(
+        f"config {name_or_path!r} is neither a file nor a shipped config; shipped: {', '.join(available_configs())}"
+    )
 
 
 def parse_overrides(overrides: list[str]) -> dict:
