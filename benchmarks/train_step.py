@@ -172,6 +172,10 @@ def make_ours(comps, family, mixed_precision, tuning, grad_ckpt=False, compile_=
     from diffalign.training import PreferenceTrainer, TrainConfig
     from diffalign.training.synthetic import SyntheticPreferenceDataset
 
+    from accelerate.state import AcceleratorState
+
+    # Modes in one run use different mixed precisions; accelerate allows one per process unless reset.
+    AcceleratorState._reset_state(reset_partial_state=False)
     adapter = get_family(family)(**comps)
     cfg = TrainConfig(
         pretrained_model_name_or_path="(in-memory)", objective="dpo", beta=5000.0, tuning=tuning, lora_rank=8,

@@ -8,7 +8,7 @@ import torch
 
 from diffalign.families import get_family, load_family
 from diffalign.families.sd3 import flow_matching_target
-from diffalign.families.sdxl import epsilon_target, v_prediction_target
+from diffalign.families.sdxl import ddpm_noisy_inputs
 from diffalign.testing import tiny_sd3_pipeline, tiny_sdxl_pipeline
 
 PROMPTS = ["a red cube on a blue sphere", "two cats"]
@@ -37,15 +37,18 @@ def test_ddpm_targets_match_scheduler_and_hand_formula():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])
-    x_t, target, w = epsilon_target(x0, noise, t, sched.alphas_cumprod)
-    torch.testing.assert_close(x_t, sched.add_noise(x0, noise, t))
+    x_t, target, w = ddpm_noisy_inputs(sched, x0, noise, t, "epsilon")
     assert torch.equal(target, noise) and torch.equal(w, torch.ones(3))
     a = sched.alphas_cumprod[500]
     torch.testing.assert_close(x_t[1], a.sqrt() * x0[1] + (1 - a).sqrt() * noise[1])
-    x_t_v, v, _ = v_prediction_target(x0, noise, t, sched.alphas_cumprod)
+    x_t_v, v, _ = ddpm_noisy_inputs(sched, x0, noise, t, "v_prediction")
     torch.testing.assert_close(x_t_v, x_t)
-    torch.testing.assert_close(v, sched.get_velocity(x0, noise, t))
     torch.testing.assert_close(v[1], a.sqrt() * noise[1] - (1 - a).sqrt() * x0[1])
+    # bf16 latents: noised in fp32, then rounded once (diffusers on bf16 inputs rounds the schedule first).
+    x_t_bf16, v_bf16, _ = ddpm_noisy_inputs(sched, x0.bfloat16(), noise.bfloat16(), t, "v_prediction")
+    x0r, nr = x0.bfloat16().float(), noise.bfloat16().float()
+    assert torch.equal(x_t_bf16, sched.add_noise(x0r, nr, t).bfloat16())
+    assert torch.equal(v_bf16, sched.get_velocity(x0r, nr, t).bfloat16())
 
 
 def test_flow_matching_target_and_weights():
@@ -61,6 +64,9 @@ def test_flow_matching_target_and_weights():
     for scheme in ("sigma_sqrt", "cosmap"):
         _, _, w = flow_matching_target(x0, noise, sigmas, weighting=scheme)
         torch.testing.assert_close(w, compute_loss_weighting_for_sd3(scheme, sigmas).float())
+        torch.testing.assert_close(w[1], torch.tensor(4.0 if scheme == "sigma_sqrt" else 2 / (math.pi * 0.5)))
+    with pytest.raises(ValueError, match="loss_weighting must be one of"):
+        flow_matching_target(x0, noise, sigmas, "sigmoid")
     torch.testing.assert_close(flow_matching_target(x0, noise, sigmas, "cosmap")[2][1], torch.tensor(2 / (math.pi * 0.5)))
 
 

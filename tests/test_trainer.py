@@ -384,8 +384,39 @@ def test_mixed_precision_comes_from_the_launcher_unless_set(tmp_path, monkeypatc
     trainer = PreferenceTrainer(tiny(tmp_path, "launcher"))
     assert trainer.accelerator.mixed_precision == "bf16" and trainer.weight_dtype == torch.bfloat16
     assert trainer.config.mixed_precision == "bf16"
-    explicit = PreferenceTrainer(tiny(tmp_path, "explicit", mixed_precision="no"))
+    # A second precision in the same process: accelerate refuses it, and the error says what to do.
+    with pytest.raises(ValueError, match="mixed_precision='no': this process already made .* new process"):
+        PreferenceTrainer(tiny(tmp_path, "explicit", mixed_precision="no"))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # what a new process starts with
+    explicit = PreferenceTrainer(tiny(tmp_path, "explicit", mixed_precision="no", overwrite_output_dir=True))
     assert explicit.accelerator.mixed_precision == "no" and explicit.weight_dtype == torch.float32
+
+
+def test_gradient_accumulation_sums_the_micro_batches_mean(tmp_path):
+    """accelerator.accumulate(): the update's gradient is the mean of the micro-batches' gradients, and a
+    wrong number of micro-batches is refused."""
+    from diffalign.training.trainer import KeyedDataset, collate_keyed
+
+    trainer = PreferenceTrainer(tiny(tmp_path, train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.0))
+    data = KeyedDataset(trainer.dataset)
+    batches = [collate_keyed([data[(0, i)]]) for i in (0, 3)]
+    expected = None
+    for j, batch in enumerate(batches):
+        loss, _ = trainer.compute_loss(batch, micro_step=j)
+        grads = torch.autograd.grad(loss, trainer.trainable)
+        expected = grads if expected is None else [a + b for a, b in zip(expected, grads)]
+    expected = [g / 2 for g in expected]
+    seen = []
+    real_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (seen.append([p.grad.clone() for p in trainer.trainable]), real_step(*a, **k))
+    trainer.optimizer_step(batches, step=0, micro_step=0)
+    assert len(seen) == 1
+    for got, want in zip(seen[0], expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="got 1 micro-batches; gradient_accumulation_steps is 2"):
+        trainer.optimizer_step(batches[:1], step=1, micro_step=2)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -504,16 +535,22 @@ def test_options_bf16_ema_adafactor_accumulation_and_resume(tmp_path):
     first.train()
     full = read_losses(tmp_path / "opts")
     assert len(full) == 4 and all(math.isfinite(v) for v in full.values())
-    assert os.path.isfile(tmp_path / "opts" / "checkpoint-2" / "ema_state.safetensors")
+    assert os.path.isfile(tmp_path / "opts" / "checkpoint-2" / "custom_checkpoint_0.pkl")  # the EMA, via accelerate
+    first_ema = [p.detach().clone() for p in first.ema.shadow_params]
     import shutil
 
     shutil.rmtree(tmp_path / "opts" / "checkpoint-4")
     os.remove(tmp_path / "opts" / "losses.jsonl")
-    again = PreferenceTrainer(tiny(tmp_path, "opts", resume_from_checkpoint="latest", **kw)).train()
+    resumed = PreferenceTrainer(tiny(tmp_path, "opts", resume_from_checkpoint="latest", **kw))
+    again = resumed.train()
     assert again["resumed_from_step"] == 2
     replay = read_losses(tmp_path / "opts")
     for step in (3, 4):
         assert replay[step] == pytest.approx(full[step], abs=1e-5)
+    # The EMA resumed from step 2 too: it ends where the uninterrupted run's ended.
+    assert resumed.ema.optimization_step == first.ema.optimization_step == 4
+    for a, b in zip(resumed.ema.shadow_params, first_ema):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_diffalign_train_cli(tmp_path, capsys):

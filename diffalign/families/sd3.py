@@ -8,8 +8,6 @@ int(u * 1000), and sigma = t / num_train_timesteps. An optional loss weighting
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from diffalign.families import register_family
@@ -20,15 +18,12 @@ LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 
 
 def flow_matching_weight(sigmas: torch.Tensor, weighting: str = "none") -> torch.Tensor:
-    """Per-sample loss weight from SD3's schemes (`compute_loss_weighting_for_sd3`)."""
-    sigmas = sigmas.float()
-    if weighting == "none":
-        return torch.ones_like(sigmas)
-    if weighting == "sigma_sqrt":
-        return sigmas.clamp_min(1e-6) ** -2.0
-    if weighting == "cosmap":
-        return 2.0 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
-    raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTING}, got {weighting!r}")
+    """Per-sample loss weight from SD3's schemes (diffusers' `compute_loss_weighting_for_sd3`)."""
+    from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+    if weighting not in LOSS_WEIGHTING:
+        raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTING}, got {weighting!r}")
+    return compute_loss_weighting_for_sd3(weighting, sigmas.float()).float()
 
 
 def flow_matching_target(x0, noise, sigmas, weighting: str = "none"):
@@ -130,14 +125,10 @@ class SD3Family(FamilyAdapter):
 
     # --- noising -------------------------------------------------------------------------
     def sample_u(self, batch_size: int, generator=None, device="cpu") -> torch.Tensor:
-        if self.timestep_sampling == "logit_normal":
-            u = torch.normal(self.logit_mean, self.logit_std, (batch_size,), generator=generator, device=device).sigmoid()
-        elif self.timestep_sampling == "mode":
-            u = torch.rand((batch_size,), generator=generator, device=device)
-            u = 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-        else:
-            u = torch.rand((batch_size,), generator=generator, device=device)
-        return u
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        return compute_density_for_timestep_sampling(self.timestep_sampling, batch_size, self.logit_mean, self.logit_std,
+                                                     self.mode_scale, device=device, generator=generator)
 
     def sample_timesteps(self, batch_size: int, generator=None, device="cpu") -> torch.Tensor:
         u = self.sample_u(batch_size, generator, device)

@@ -15,30 +15,19 @@ from diffalign.families import register_family
 from diffalign.families.base import FamilyAdapter
 
 
-def _gather(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps.long()]
-    shape = (-1,) + (1,) * (ndim - 1)
-    return a.sqrt().view(shape), (1.0 - a).sqrt().view(shape)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def epsilon_target(x0, noise, timesteps, alphas_cumprod):
-    """DDPM noising with an epsilon target: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, target = noise."""
-    sa, s1a = _gather(alphas_cumprod, timesteps, x0.ndim)
-    x_t = (sa * x0.float() + s1a * noise.float()).to(x0.dtype)
-    weight = torch.ones(x0.shape[0], device=x0.device, dtype=torch.float32)
-    return x_t, noise, weight
+def ddpm_noisy_inputs(scheduler, x0, noise, timesteps, prediction_type: str = "epsilon"):
+    """(x_t, target, weight): `scheduler.add_noise`, and `noise` or `scheduler.get_velocity` as the target.
 
-
-def v_prediction_target(x0, noise, timesteps, alphas_cumprod):
-    """DDPM noising with a velocity target: v = sqrt(a_t) noise - sqrt(1 - a_t) x0."""
-    sa, s1a = _gather(alphas_cumprod, timesteps, x0.ndim)
-    x_t = (sa * x0.float() + s1a * noise.float()).to(x0.dtype)
-    target = (sa * noise.float() - s1a * x0.float()).to(x0.dtype)
-    weight = torch.ones(x0.shape[0], device=x0.device, dtype=torch.float32)
-    return x_t, target, weight
-
-
-TARGETS = {"epsilon": epsilon_target, "v_prediction": v_prediction_target}
+    Computed in float32 and cast back: diffusers casts `alphas_cumprod` to the sample dtype first, and in bf16
+    that rounds the schedule itself.
+    """
+    x0f, noisef = x0.float(), noise.float()
+    x_t = scheduler.add_noise(x0f, noisef, timesteps).to(x0.dtype)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0f, noisef, timesteps).to(x0.dtype)
+    return x_t, target, torch.ones(x0.shape[0], device=x0.device, dtype=torch.float32)
 
 
 @register_family("sdxl")
@@ -72,8 +61,8 @@ class SDXLFamily(FamilyAdapter):
         # Training noises with the DDPM forward process built from the same betas.
         self.noise_scheduler = DDPMScheduler.from_config(scheduler.config)
         self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in TARGETS:
-            raise ValueError(f"prediction_type must be one of {sorted(TARGETS)}, got {self.prediction_type!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {self.prediction_type!r}")
         self.is_xl = text_encoder_2 is not None
         self.freeze_frozen_parts()
         if self.is_xl and getattr(unet.config, "addition_embed_type", None) != "text_time":
@@ -124,7 +113,7 @@ class SDXLFamily(FamilyAdapter):
         return torch.randint(0, n, (batch_size,), generator=generator, device=device, dtype=torch.long)
 
     def noisy_inputs(self, x0, noise, timesteps):
-        return TARGETS[self.prediction_type](x0, noise, timesteps, self.noise_scheduler.alphas_cumprod)
+        return ddpm_noisy_inputs(self.noise_scheduler, x0, noise, timesteps, self.prediction_type)
 
     def micro_conditioning(self, original_sizes, crop_top_lefts, target_size) -> dict[str, torch.Tensor] | None:
         """`time_ids` (N, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per sample."""

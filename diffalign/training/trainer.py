@@ -30,7 +30,6 @@ logger = logging.getLogger("diffalign.training")
 SUMMARY_FILE = "training_summary.json"
 LOSSES_FILE = "losses.jsonl"
 LORA_STATE_FILE = "lora_state.safetensors"
-EMA_STATE_FILE = "ema_state.safetensors"
 PPD_USERS_FILE = "ppd_users.json"  # the PPD user split (test users and every user's context rows, for evaluation)
 
 
@@ -189,16 +188,6 @@ def adapters_disabled(model):
         model.enable_adapters()
 
 
-def _allow_new_mixed_precision(mixed_precision: str) -> None:
-    """accelerate keeps one AcceleratorState per process; a second trainer in the same process (tests,
-    benchmarks, notebooks) with another mixed precision would be refused. Reset only that state, never
-    the distributed one (PartialState)."""
-    from accelerate.state import AcceleratorState
-
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
-
-
 def _tensorboard_installed() -> bool:
     import importlib.util
 
@@ -234,15 +223,21 @@ class PreferenceTrainer:
             logger.warning("report_to=tensorboard, but neither tensorboard nor tensorboardX is installed: metrics go to "
                            "%s only. pip install 'diffalign[tracking]', or set report_to=none to silence this.", LOSSES_FILE)
             log_with = None
-        _allow_new_mixed_precision(cfg.mixed_precision)
-        self.accelerator = Accelerator(
-            # Accumulation is done here (manual no_sync), so accelerate must not rescale the loss.
-            gradient_accumulation_steps=1,
-            mixed_precision=cfg.mixed_precision,
-            log_with=log_with,
-            project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "logs")),
-            cpu=not torch.cuda.is_available(),
-        )
+        try:
+            self.accelerator = Accelerator(
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps,  # `accumulate()` in optimizer_step
+                mixed_precision=cfg.mixed_precision,
+                log_with=log_with,
+                project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                                    logging_dir=os.path.join(cfg.output_dir, "logs")),
+                cpu=not torch.cuda.is_available(),
+            )
+        except ValueError as e:
+            if "already been initialized" not in str(e):
+                raise
+            raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: this process already made an accelerate "
+                             "Accelerator with another mixed precision, and accelerate keeps one per process; "
+                             "train with this precision in a new process") from e
         acc = self.accelerator
         self.device = acc.device
         self.weight_dtype = _dtype(cfg.mixed_precision)
@@ -328,6 +323,7 @@ class PreferenceTrainer:
 
             self.ema = EMAModel(params, decay=cfg.ema_decay)
             self.ema.to(self.device)
+            acc.register_for_checkpointing(self.ema)  # save_state / load_state carry it (custom_checkpoint_0.pkl)
         from accelerate.utils import DistributedType
 
         if cfg.tuning in ("lora", "none") and acc.distributed_type == DistributedType.FSDP:
@@ -694,9 +690,12 @@ class PreferenceTrainer:
         acc = self.accelerator
         sums: dict[str, float] = {}
         n = len(batches)
+        if n != acc.gradient_accumulation_steps:
+            raise ValueError(f"optimizer_step got {n} micro-batches; gradient_accumulation_steps is "
+                             f"{acc.gradient_accumulation_steps}")
         for j, batch in enumerate(batches):
-            ctx = contextlib.nullcontext() if j == n - 1 else acc.no_sync(self.denoiser)
-            with ctx:
+            # Skips the gradient all-reduce until the last micro-batch; under DeepSpeed the engine accumulates.
+            with acc.accumulate(self.denoiser):
                 try:
                     loss, metrics = self.compute_loss(batch, micro_step + j)
                     global_loss = acc.reduce(loss.detach().reshape(1), reduction="mean")
@@ -704,7 +703,7 @@ class PreferenceTrainer:
                         raise _NonFinite(float(global_loss))
                 except _NonFinite as e:
                     self._fail_non_finite(step + 1, micro_step + j, e.value)
-                acc.backward(loss / n)
+                acc.backward(loss)  # accelerate divides by gradient_accumulation_steps
             # One all-reduce for the loss and every metric.
             names = ["loss", *metrics]
             values = torch.stack([loss.detach().float(), *(m.detach().float().to(self.device) for m in metrics.values())])
@@ -780,12 +779,7 @@ class PreferenceTrainer:
             _hook_method(self.conditioning, "load")(path)  # user attention + encoder head (PPD)
         state = ckpt.read_state(path)
         if self.ema is not None:
-            from safetensors.torch import load_file
-
-            ema = load_file(os.path.join(path, EMA_STATE_FILE))
-            for i, p in enumerate(self.ema.shadow_params):
-                p.data.copy_(ema[f"shadow.{i}"].to(p.device))
-            self.ema.optimization_step = int(state.get("ema_optimization_step", 0))
+            self.ema.to(self.device)  # load_state_dict leaves the shadow weights where torch.load put them (CPU)
         acc.print(f"resumed from {path} at step {state['global_step']}")
         return int(state["global_step"])
 
@@ -810,12 +804,6 @@ class PreferenceTrainer:
             if self.conditioning is not None:
                 _hook_method(self.conditioning, "save")(tmp)
             state = {"global_step": step, "last_loss": last_loss, "config": cfg.to_dict(), "num_processes": acc.num_processes}
-            if self.ema is not None:
-                from safetensors.torch import save_file
-
-                save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.ema.shadow_params)},
-                          os.path.join(tmp, EMA_STATE_FILE))
-                state["ema_optimization_step"] = int(self.ema.optimization_step)
             final = ckpt.finalize(tmp, cfg.output_dir, step, state)
             ckpt.prune(cfg.output_dir, cfg.checkpoints_total_limit)
         acc.wait_for_everyone()
