@@ -14,7 +14,6 @@ import torch
 from diffalign.families import register_family
 from diffalign.families.base import FamilyAdapter
 
-
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
