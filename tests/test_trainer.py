@@ -138,8 +138,16 @@ def test_sdxl_dpo_lora_run_saves_loadable_lora(tmp_path):
         saved = json.load(f)
     assert saved["global_step"] == 3 and saved["final_loss"] == summary["final_loss"]
     assert "implicit_acc" in saved["final_metrics"] and "rewards/margin" in saved["final_metrics"]
-    assert glob.glob(os.path.join(out, "logs", "**", "events.out.tfevents*"), recursive=True)
+    events = glob.glob(os.path.join(out, "logs", "**", "events.out.tfevents*"), recursive=True)
+    assert events
     assert os.path.isfile(os.path.join(out, "validation", "step-000003.png"))
+    # The validation images reach the tracker too (one image per prompt, at the validation step).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.dirname(events[0]), size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Images("validation")
+    assert [e.step for e in images] == [3] and (images[0].width, images[0].height) == (64, 64)
 
     # The saved LoRA loads into a fresh pipeline, changes its denoiser, and reproduces the trained one.
     pipe = tiny_sdxl_pipeline(cfg.model_seed)

@@ -830,8 +830,23 @@ class PreferenceTrainer:
             os.makedirs(os.path.join(cfg.output_dir, "validation"), exist_ok=True)
             path = os.path.join(cfg.output_dir, "validation", f"step-{step:06d}.png")
             make_image_grid(images, rows=1, cols=len(images)).save(path)
+            self._log_validation_images(images, step)
         acc.wait_for_everyone()
         return path
+
+    def _log_validation_images(self, images, step: int) -> None:
+        """The validation images to the trackers as well, as diffusers' training scripts do."""
+        import numpy as np
+
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step,
+                                          dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(im, caption=f"{i}: {p}") for i, (im, p)
+                                            in enumerate(zip(images, self.config.validation_prompts))]}, step=step)
 
     def save_final(self) -> None:
         from accelerate.utils import DistributedType
