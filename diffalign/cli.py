@@ -40,6 +40,22 @@ def run_command(func, args: argparse.Namespace, prog: str) -> int:
         return 2
 
 
+def snake_case_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """One flag style: `--a_b` is the spelling of every `--a-b` option (as TRL and the diffusers scripts spell flags),
+    and `--a-b` (the older spelling here) stays an alias; recurses into sub-commands. Returns the parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                snake_case_options(sub)
+            continue
+        for opt in list(action.option_strings):
+            snake = "--" + opt[2:].replace("-", "_")
+            if opt.startswith("--") and snake != opt and snake not in parser._option_string_actions:
+                parser._option_string_actions[snake] = action
+                action.option_strings.insert(action.option_strings.index(opt), snake)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffalign import __version__
 
@@ -52,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for _name, module_name in COMMANDS:
         importlib.import_module(module_name).register(subparsers)
-    return parser
+    return snake_case_options(parser)
 
 
 def main(argv: list[str] | None = None) -> int:

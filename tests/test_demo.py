@@ -343,7 +343,7 @@ def test_cli_refuses_a_public_bind_without_login(capsys):
     from diffalign.cli import main
 
     assert main(["demo", "--base", "tiny:sdxl", "--rewards", "none", "--host", "0.0.0.0", "--port", str(free_port())]) == 2
-    assert "--insecure-public" in capsys.readouterr().err
+    assert "--insecure_public" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- browser
@@ -600,13 +600,13 @@ def test_user_adapter_checkpoint_zero_init_and_interpolation(tmp_path):
     P.remove_user_attention(unet)
     assert np.array_equal(base, np.asarray(models.generate(PROMPT, 0, STEPS, SIZE, 5.0)))
 
-    # --user-encoder names the backbone the adapter was trained with (no "random backbone" notice then).
+    # --user_encoder names the backbone the adapter was trained with (no "random backbone" notice then).
     named = Personalizer(models, str(tmp_path / "ppd"), "clip:model_name='diffalign-tiny-clip'")
     assert named.trained and named.encoder.dim == 32 and named.encoder.num_tokens == 4
     assert not any("tiny RANDOM open_clip" in n for n in named.notices)
     P.remove_user_attention(unet)
 
-    # A trained base without --user-adapter gets a fresh, zero-initialised branch: "for you" == base, as the notice says.
+    # A trained base without --user_adapter gets a fresh, zero-initialised branch: "for you" == base, as the notice says.
     models.source.kind = "toy"
     fresh = Personalizer(models, None)
     assert not fresh.trained and "equals the base exactly" in fresh.notices[-1]

@@ -362,7 +362,7 @@ def test_cli_generate_from_folder_with_lora(tmp_path):
     common = [
         "--indices",
         "259",
-        "--n-samples",
+        "--n_samples",
         "1",
         "--steps",
         "2",
@@ -399,7 +399,7 @@ def test_cli_generate_from_folder_with_lora(tmp_path):
     assert base.shape == tuned.shape == (64, 64, 3) and not np.array_equal(base, tuned)
     with open(tmp_path / "lora_run" / MANIFEST) as f:
         assert json.load(f)["model"].endswith("+ " + lora_dir)
-    bad = ["geneval", "generate", "--model", model_dir, "--out", str(tmp_path / "x"), "--pipeline-kwargs", "[1]", *common]
+    bad = ["geneval", "generate", "--model", model_dir, "--out", str(tmp_path / "x"), "--pipeline_kwargs", "[1]", *common]
     assert cli_main(bad) == 2  # an expected error: one line on stderr (the CLI's job), the exception with --debug
     with pytest.raises(ValueError, match="JSON object"):
         cli_main(["--debug", *bad])

@@ -33,7 +33,7 @@ def test_quickstart_end_to_end(toy_run, tmp_path):
     from diffalign.cli import main
 
     out, js = tmp_path / "qs", tmp_path / "res.json"
-    argv = ["quickstart", "--base", toy_run.output_dir, "--output_dir", str(out), "--json", str(js), "--with-control",
+    argv = ["quickstart", "--base", toy_run.output_dir, "--output_dir", str(out), "--json", str(js), "--with_control",
             "--num_prompts", "6", "--guidances", "2", "5", "--synth_steps", "2", "--train_steps", "3", "--groups_per_step", "2",
             "--eval_per_task", "2", "--num_inference_steps", "2", "--no_progress"]
     assert main(argv) == 0

@@ -565,11 +565,11 @@ def test_diffalign_train_cli(tmp_path, capsys):
     from diffalign.cli import main
 
     tiny_cfg = os.path.join(REPO, "train", "configs", "tiny_sd3_rankdpo.yaml")
-    assert main(["train", "--config", tiny_cfg, "--print-config", "beta=10", f"output_dir={tmp_path}"]) == 0
+    assert main(["train", "--config", tiny_cfg, "--print_config", "beta=10", f"output_dir={tmp_path}"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["beta"] == 10.0 and printed["objective"] == "rankdpo" and printed["output_dir"] == str(tmp_path)
     # Every field is a flag too: `--key value`, `--key=value`, a bare boolean flag, lists; key=value still works.
-    assert main(["train", "--config", tiny_cfg, "--print-config", "--beta", "10", "--objective=dpo", "--use_ema",
+    assert main(["train", "--config", tiny_cfg, "--print_config", "--beta", "10", "--objective=dpo", "--use_ema",
                  "--validation_prompts", "a cat", "a dog"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert (printed["beta"], printed["objective"], printed["use_ema"]) == (10.0, "dpo", True)

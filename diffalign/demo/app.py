@@ -84,8 +84,8 @@ class DemoState:
         self.config = config
         self.models = DemoModels(config.base, lora=config.lora, device=config.device, dtype=config.dtype,
                                  max_loras=config.max_loras)
-        # Client-typed paths: LoRAs from --lora's folder and --lora-dir; results (and their images) from
-        # --results, --results-root and the uploads.
+        # Client-typed paths: LoRAs from --lora's folder and --lora_dir; results (and their images) from
+        # --results, --results_root and the uploads.
         self.lora_paths = PathPolicy("LoRA", ([config.lora] if config.lora else []) + list(config.lora_dirs))
         self.results_paths = PathPolicy("results folder", [*config.results_dirs, *config.results_roots, upload_folder()])
         self.scorer = Scorer(config.rewards, self.models.device, geneval=config.geneval, model_kind=self.models.source.kind)
@@ -98,7 +98,7 @@ class DemoState:
         self.notices = list(self.models.source.notices)
         if self.models.default_lora is None:
             self.notices.append(
-                "No aligned model: pass `--lora PATH` (a LoRA written by `diffalign train`), or `--lora-dir DIR` and "
+                "No aligned model: pass `--lora PATH` (a LoRA written by `diffalign train`), or `--lora_dir DIR` and "
                 "enter a path under it. Until then the Compare tab shows the base model only."
             )
         self.notices += self.scorer.notices + self.personalizer.notices

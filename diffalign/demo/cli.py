@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "folders and gradio's upload folder always are)")
     parser.add_argument("--max-loras", type=int, default=d.max_loras, help="LoRAs kept loaded at once (LRU)")
     parser.add_argument("--host", default=d.host,
-                        help="bind address (default 127.0.0.1: this machine only); any other needs --auth or --insecure-public")
+                        help="bind address (default 127.0.0.1: this machine only); any other needs --auth or --insecure_public")
     parser.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD", help="a login (repeatable)")
     parser.add_argument("--auth-file", default=None, help="a file of USER:PASSWORD lines (keeps passwords out of `ps`)")
     parser.add_argument("--insecure-public", action="store_true", help="serve a non-local --host without a login")
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     for notice in demo.diffalign_state.notices:
         print(f"notice: {notice}", file=sys.stderr)
     if not config.is_local:
-        login = "with a login" if config.auth else "WITHOUT a login (--insecure-public)"
+        login = "with a login" if config.auth else "WITHOUT a login (--insecure_public)"
         print(f"warning: serving on {config.host} {login}: other machines can reach this demo", file=sys.stderr)
     launch(demo, config)
     return 0
@@ -104,5 +104,7 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffalign.cli import snake_case_options
+
     parser = add_arguments(argparse.ArgumentParser(prog="demos/app.py", description="diffalign Gradio demo"))
-    return run(parser.parse_args(argv))
+    return run(snake_case_options(parser).parse_args(argv))

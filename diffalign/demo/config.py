@@ -86,7 +86,7 @@ class DemoConfig:
         if not self.is_local and not self.auth and not self.insecure_public:
             raise ValueError(
                 f"serving on {self.host} lets other machines in with no login; pass --auth USER:PASSWORD "
-                "(or --auth-file FILE), or --insecure-public to serve without one"
+                "(or --auth_file FILE), or --insecure_public to serve without one"
             )
         if not (1 <= self.port <= 65535):
             raise ValueError(f"port must be in 1..65535, got {self.port}")

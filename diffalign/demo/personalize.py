@@ -94,21 +94,21 @@ class Personalizer:
                         if param.dim() == 2:
                             torch.nn.init.normal_(param, std=0.5 / param.shape[1] ** 0.5, generator=torch.Generator().manual_seed(0))
                 self.notices.append(
-                    "No `--user-adapter`: the user branch and the user encoder (tiny open_clip) are RANDOM. "
+                    "No `--user_adapter`: the user branch and the user encoder (tiny open_clip) are RANDOM. "
                     "The personalized image changes with your choices, but not toward your taste."
                 )
             else:
                 self.notices.append(
-                    "No `--user-adapter`: the user branch is fresh (zero-initialised output), so the personalized "
+                    "No `--user_adapter`: the user branch is fresh (zero-initialised output), so the personalized "
                     "image equals the base exactly, and the user encoder is the tiny RANDOM open_clip. Pass a PPD "
-                    "checkpoint with `--user-adapter`."
+                    "checkpoint with `--user_adapter`."
                 )
         denoiser.to(device=models.device)
         cls = PersonalizedStableDiffusionXLPipeline if models.family == "sdxl" else PersonalizedStableDiffusion3Pipeline
         self.pipe = cls.from_base(models.pipe, user_encoder=self.encoder)
 
     def _build_encoder(self, user_adapter: str | None, user_encoder: str | None):
-        """The encoder backbone: `--user-encoder NAME:key=value,...`, else `user_encoder.json` beside the
+        """The encoder backbone: `--user_encoder NAME:key=value,...`, else `user_encoder.json` beside the
         adapter, else the tiny random open_clip. The head's width and token count come from its metadata."""
         from diffalign.demo.scoring import parse_reward_spec
 
@@ -133,7 +133,7 @@ class Personalizer:
             encoder = p.tiny_clip_user_encoder(dim=dim, num_tokens=tokens, seed=0)
             if user_adapter:
                 self.notices.append(
-                    f"The user encoder's CLIP backbone is the tiny RANDOM open_clip model: neither `--user-encoder` "
+                    f"The user encoder's CLIP backbone is the tiny RANDOM open_clip model: neither `--user_encoder` "
                     f"nor a `{ENCODER_CONFIG}` beside the user adapter names a real one."
                 )
         if head is not None:

@@ -150,7 +150,7 @@ class Scorer:
     # ------------------------------------------------------------------ GenEval
     def _geneval_missing(self) -> str | None:
         if not self.geneval:
-            return "GenEval verdicts are switched off (--no-geneval)."
+            return "GenEval verdicts are switched off (--no_geneval)."
         if self.model_kind == "pretrained":
             return ("the toy detector reads toy-world scenes only; evaluate a real model with "
                     "`diffalign geneval` and a real detector")

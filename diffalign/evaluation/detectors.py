@@ -241,7 +241,7 @@ class MMDetDetector:
         if checkpoint is None or not os.path.isfile(checkpoint):
             raise FileNotFoundError(
                 f"mmdet checkpoint not found: {checkpoint!r}. Download it (as GenEval's download_models.sh does) from\n"
-                f"  {MMDET_CHECKPOINT_URL}\nand pass --mmdet-checkpoint PATH."
+                f"  {MMDET_CHECKPOINT_URL}\nand pass --mmdet_checkpoint PATH."
             )
         if config is None:
             root = os.path.dirname(mmdet.__file__)
@@ -249,7 +249,7 @@ class MMDetDetector:
             config = next((c for c in candidates if os.path.isfile(c)), None)
             if config is None:
                 raise FileNotFoundError(
-                    f"mmdet's Mask2Former config was not found under {root}; pass --mmdet-config PATH."
+                    f"mmdet's Mask2Former config was not found under {root}; pass --mmdet_config PATH."
                 )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = init_detector(config, checkpoint, device=self.device)

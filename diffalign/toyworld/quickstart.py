@@ -1,6 +1,6 @@
 """`diffalign quickstart`: the whole mission on a CPU, in the toy world, measured.
 
-    diffalign quickstart [--method rankdpo|dpo|sft|ppd] [--family sdxl|sd3] [--with-control] [--json out.json]
+    diffalign quickstart [--method rankdpo|dpo|sft|ppd] [--family sdxl|sd3] [--with_control] [--json out.json]
 
 1. **Toy Syn-Pic.** Training prompts are drawn from the toy grammar (uniform over the six GenEval tasks).
    k generators (the toy checkpoint at different guidance scales and noise seeds, plus any extra
@@ -9,7 +9,7 @@
    adds others (toy_clip, tastes). Win counts rank each list (`diffalign synth`, unchanged).
 2. **Preference fine-tuning** of the toy model with the project trainer (`PreferenceTrainer`): RankDPO on
    the lists, DPO on the pairs of the same lists, or SFT on the best of each list; LoRA by default.
-   `--with-control` trains the same objective, data and budget with the labels shuffled within each
+   `--with_control` trains the same objective, data and budget with the labels shuffled within each
    group: what fine-tuning on the model's own samples gives without any preference.
 3. **Toy-GenEval** before and after: `--eval_per_task` prompts per task from the fixed evaluation set,
    one image each, with noise seeds that every compared model shares. Accuracy per task, overall
@@ -490,7 +490,7 @@ def run_ppd(cfg: QuickstartConfig) -> dict:
     if cfg.family != "sdxl":
         raise ValueError("--method ppd runs on toy-sdxl only (the personalized pipelines are SDXL/SD3, the toy PPD study is SDXL)")
     if cfg.with_control:
-        raise ValueError("--with-control is a random-label control for GenEval methods; PPD's control is another user's "
+        raise ValueError("--with_control is a random-label control for GenEval methods; PPD's control is another user's "
                          "examples, which --method ppd always reports")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -590,7 +590,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=FAMILIES, default=d.family)
     p.add_argument("--base", default=None, help="toy pipeline folder or pretrain --state_dir (default: the committed checkpoint)")
     p.add_argument("--output_dir", "--output-dir", default=d.output_dir)
-    p.add_argument("--with-control", "--with_control", dest="with_control", action="store_true",
+    p.add_argument("--with_control", "--with-control", dest="with_control", action="store_true",
                    help="also train a random-label control on the same data and budget")
     p.add_argument("--json", default=None, help="also write the results JSON here")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -682,10 +682,12 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffalign.cli import snake_case_options
+
     p = argparse.ArgumentParser(prog="python -m diffalign.toyworld.quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return run(snake_case_options(p).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None, help="YAML file, or the name of a shipped config ("
                         f"{', '.join(available_configs())}); keys of diffalign.training.TrainConfig")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides; they win over the file")
-    parser.add_argument("--print-config", "--print_config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--print_config", "--print-config", action="store_true", help="print the resolved config as JSON and exit")
     group = parser.add_argument_group(FIELDS_GROUP)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

@@ -24,7 +24,7 @@ def _generate(args) -> int:
     metadata = load_metadata(args.metadata)
     kwargs = json.loads(args.pipeline_kwargs) if args.pipeline_kwargs else {}
     if not isinstance(kwargs, dict):
-        raise ValueError("--pipeline-kwargs must be a JSON object, e.g. '{\"clip_skip\": 1}'.")
+        raise ValueError("--pipeline_kwargs must be a JSON object, e.g. '{\"clip_skip\": 1}'.")
     for key, value in (
         ("num_inference_steps", args.steps),
         ("guidance_scale", args.guidance_scale),
@@ -41,7 +41,7 @@ def _generate(args) -> int:
         key = args.user_embedding_tensor or (next(iter(tensors)) if len(tensors) == 1 else None)
         if key not in tensors:
             raise ValueError(
-                f"{args.user_embedding} holds {sorted(tensors)}; name one with --user-embedding-tensor."
+                f"{args.user_embedding} holds {sorted(tensors)}; name one with --user_embedding_tensor."
             )
         kwargs[args.user_embedding_kwarg] = tensors[key]
     pipe = load_pipeline(
@@ -234,9 +234,11 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from diffalign.cli import snake_case_options
+
     parser = argparse.ArgumentParser(
         prog="geneval", description="GenEval in-process (generate, evaluate, summary)."
     )
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = snake_case_options(parser).parse_args(argv)
     return int(args.func(args) or 0)

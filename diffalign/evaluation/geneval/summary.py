@@ -74,7 +74,7 @@ def summarize_file(path: str, *, allow_errors: bool = False) -> dict:
     if n_errors and not allow_errors:
         raise ValueError(
             f"{path} is incomplete: {n_errors} image(s)/folder(s) could not be evaluated (see {path}.errors.jsonl). "
-            "Fix them and re-run evaluate, or pass --allow-errors to summarize what was evaluated (the count is reported)."
+            "Fix them and re-run evaluate, or pass --allow_errors to summarize what was evaluated (the count is reported)."
         )
     return summarize(read_results(path), errors=n_errors)
 
