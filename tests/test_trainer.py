@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
+from diffalign.data.synthetic import SyntheticPreferenceDataset
 from diffalign.training import ConditioningHook, NonFiniteLossError, PreferenceTrainer, TrainConfig
 from diffalign.training import checkpoint as ckpt
-from diffalign.training.synthetic import SyntheticPreferenceDataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": REPO}
@@ -543,8 +543,10 @@ def test_options_bf16_ema_adafactor_accumulation_and_resume(tmp_path):
     first.train()
     full = read_losses(tmp_path / "opts")
     assert len(full) == 4 and all(math.isfinite(v) for v in full.values())
-    assert os.path.isfile(tmp_path / "opts" / "checkpoint-2" / "custom_checkpoint_0.pkl")  # the EMA, via accelerate
-    first_ema = [p.detach().clone() for p in first.ema.shadow_params]
+    # The EMA is saved as safetensors (accelerate's register_for_checkpointing would unpickle it on resume).
+    assert os.path.isfile(tmp_path / "opts" / "checkpoint-2" / "ema_state.safetensors")
+    assert not glob.glob(str(tmp_path / "opts" / "checkpoint-2" / "custom_checkpoint_*.pkl"))
+    first_ema = first.ema.state_dict()
     import shutil
 
     shutil.rmtree(tmp_path / "opts" / "checkpoint-4")
@@ -555,9 +557,11 @@ def test_options_bf16_ema_adafactor_accumulation_and_resume(tmp_path):
     replay = read_losses(tmp_path / "opts")
     for step in (3, 4):
         assert replay[step] == pytest.approx(full[step], abs=1e-5)
-    # The EMA resumed from step 2 too: it ends where the uninterrupted run's ended.
-    assert resumed.ema.optimization_step == first.ema.optimization_step == 4
-    for a, b in zip(resumed.ema.shadow_params, first_ema):
+    # The EMA resumed from step 2 too: EMAModel's own state_dict ends where the uninterrupted run's did.
+    resumed_ema = resumed.ema.state_dict()
+    shadow, first_shadow = resumed_ema.pop("shadow_params"), first_ema.pop("shadow_params")
+    assert resumed_ema == first_ema and resumed_ema["optimization_step"] == 4
+    for a, b in zip(shadow, first_shadow):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 

@@ -29,6 +29,8 @@ logger = logging.getLogger("diffalign.training")
 
 SUMMARY_FILE = "training_summary.json"
 LOSSES_FILE = "losses.jsonl"
+# Not accelerate's register_for_checkpointing: it unpickles custom objects with weights_only=False on resume.
+EMA_STATE_FILE = "ema_state.safetensors"
 LORA_STATE_FILE = "lora_state.safetensors"
 PPD_USERS_FILE = "ppd_users.json"  # the PPD user split (test users and every user's context rows, for evaluation)
 
@@ -323,7 +325,6 @@ class PreferenceTrainer:
 
             self.ema = EMAModel(params, decay=cfg.ema_decay)
             self.ema.to(self.device)
-            acc.register_for_checkpointing(self.ema)  # save_state / load_state carry it (custom_checkpoint_0.pkl)
         from accelerate.utils import DistributedType
 
         if cfg.tuning in ("lora", "none") and acc.distributed_type == DistributedType.FSDP:
@@ -412,7 +413,7 @@ class PreferenceTrainer:
         if not cfg.dataset:
             raise ValueError("no training data: set dataset=<parquet folder | HF dataset | hub id | synthetic:pairs> or latent_cache=<dir>")
         if cfg.dataset.startswith("synthetic:"):
-            from diffalign.training.synthetic import synthetic_from_spec
+            from diffalign.data.synthetic import synthetic_from_spec
 
             return synthetic_from_spec(cfg.dataset, cfg.resolution, cfg.seed)
         from diffalign.data import load_preference_dataset
@@ -779,7 +780,12 @@ class PreferenceTrainer:
             _hook_method(self.conditioning, "load")(path)  # user attention + encoder head (PPD)
         state = ckpt.read_state(path)
         if self.ema is not None:
-            self.ema.to(self.device)  # load_state_dict leaves the shadow weights where torch.load put them (CPU)
+            from safetensors.torch import load_file
+
+            ema = load_file(os.path.join(path, EMA_STATE_FILE))
+            for i, p in enumerate(self.ema.shadow_params):
+                p.data.copy_(ema[f"shadow.{i}"].to(p.device))
+            self.ema.optimization_step = int(state.get("ema_optimization_step", 0))
         acc.print(f"resumed from {path} at step {state['global_step']}")
         return int(state["global_step"])
 
@@ -804,6 +810,12 @@ class PreferenceTrainer:
             if self.conditioning is not None:
                 _hook_method(self.conditioning, "save")(tmp)
             state = {"global_step": step, "last_loss": last_loss, "config": cfg.to_dict(), "num_processes": acc.num_processes}
+            if self.ema is not None:
+                from safetensors.torch import save_file
+
+                save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.ema.shadow_params)},
+                          os.path.join(tmp, EMA_STATE_FILE))
+                state["ema_optimization_step"] = int(self.ema.optimization_step)
             final = ckpt.finalize(tmp, cfg.output_dir, step, state)
             ckpt.prune(cfg.output_dir, cfg.checkpoints_total_limit)
         acc.wait_for_everyone()
