@@ -170,9 +170,9 @@ class BaselineDPO:
 def make_ours(comps, family, mixed_precision, tuning, grad_ckpt=False, compile_=False, out_dir="/tmp/diffalign-bench"):
     from accelerate.state import AcceleratorState
 
+    from diffalign.data.synthetic import SyntheticPreferenceDataset
     from diffalign.families import get_family
     from diffalign.training import PreferenceTrainer, TrainConfig
-    from diffalign.training.synthetic import SyntheticPreferenceDataset
 
     # Modes in one run use different mixed precisions; accelerate allows one per process unless reset.
     AcceleratorState._reset_state(reset_partial_state=False)

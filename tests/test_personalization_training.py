@@ -130,8 +130,8 @@ def test_ppd_hook_draws_fresh_contexts_per_batch(encoder):
 
 
 def test_prepare_ppd_context_pool(encoder):
+    from diffalign.data.synthetic import TwoUserPairs
     from diffalign.personalization import prepare_ppd
-    from diffalign.personalization.toy import TwoUserPairs
     from diffalign.testing import tiny_sd3_pipeline
     from diffalign.training.config import TrainConfig
 
@@ -183,8 +183,9 @@ def test_gradient_checkpointing_recomputes_with_the_user(encoder):
 
 def test_ppd_through_the_trainer_two_steps(encoder, tmp_path):
     """objective=ppd runs in PreferenceTrainer with the hook; only LoRA + user weights + head change."""
+    from diffalign.data.synthetic import TwoUserPairs
     from diffalign.families import load_family
-    from diffalign.personalization.toy import TwoUserPairs, context_examples
+    from diffalign.personalization.toy import context_examples
     from diffalign.training.config import TrainConfig
     from diffalign.training.trainer import PreferenceTrainer
 
@@ -251,9 +252,9 @@ def test_win_rates_and_interpolation_monotonicity():
 
 
 def test_prepare_ppd_holds_context_and_test_users_apart(encoder):
+    from diffalign.data.synthetic import TwoUserPairs
     from diffalign.personalization import prepare_ppd
     from diffalign.personalization.attention import has_user_attention
-    from diffalign.personalization.toy import TwoUserPairs
     from diffalign.testing import tiny_sd3_pipeline
 
     users = {f"u{i}": SyntheticUser(f"u{i}", {"toy_red" if i % 2 else "toy_blue": 1.0}) for i in range(4)}

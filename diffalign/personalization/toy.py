@@ -24,47 +24,13 @@ import time
 import numpy as np
 import torch
 
+from diffalign.data.synthetic import TWO_USER_PROMPT, TwoUserPairs, pair_images
 from diffalign.personalization.attention import user_attention_disabled, user_condition
 from diffalign.personalization.encoder import UserExample, tiny_clip_user_encoder
 from diffalign.personalization.training import PPDConditioning, SyntheticUser
 
 USERS = {"warm": {"toy_red": 1.0}, "cool": {"toy_blue": 1.0}}
-PROMPT = "a square"
-
-
-def _pair_images(rng: np.random.Generator, resolution: int) -> torch.Tensor:
-    """Two flat random colours with a little texture: (2, 3, H, W) in [-1, 1]."""
-    colours = torch.from_numpy(rng.uniform(-0.9, 0.9, size=(2, 3, 1, 1)).astype(np.float32))
-    noise = torch.from_numpy(rng.standard_normal((2, 3, resolution, resolution)).astype(np.float32)) * 0.05
-    return (colours + noise).clamp(-1, 1)
-
-
-class TwoUserPairs(torch.utils.data.Dataset):
-    """Pairs judged by each synthetic user (same images for every user), in the data room's item format."""
-
-    def __init__(self, users: dict[str, SyntheticUser], num_pairs: int, resolution: int, seed: int):
-        rng = np.random.default_rng(seed)
-        self.items = []
-        for i in range(num_pairs):
-            px = _pair_images(rng, resolution)
-            for name, user in users.items():
-                a_first = bool(user.prefers(px[:1], px[1:], [PROMPT])[0])
-                ordered = px if a_first else px.flip(0)
-                self.items.append({
-                    "pixel_values": ordered,
-                    "scores": torch.tensor([1.0, 0.0]),
-                    "prompt": PROMPT,
-                    "prompt_id": f"toy-{i}",
-                    "user_id": name,
-                    "original_sizes": torch.tensor([[resolution, resolution]] * 2),
-                    "crop_top_lefts": torch.zeros(2, 2, dtype=torch.int64),
-                })
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+PROMPT = TWO_USER_PROMPT
 
 
 def context_examples(users: dict[str, SyntheticUser], num_context: int, resolution: int, seed: int) -> dict[str, list[UserExample]]:
@@ -74,7 +40,7 @@ def context_examples(users: dict[str, SyntheticUser], num_context: int, resoluti
         rng = np.random.default_rng([seed, 1000 + j])
         examples = []
         for _ in range(num_context):
-            px = _pair_images(rng, resolution)
+            px = pair_images(rng, resolution)
             a_first = bool(user.prefers(px[:1], px[1:], [PROMPT])[0])
             win, lose = (px[0], px[1]) if a_first else (px[1], px[0])
             examples.append(UserExample(PROMPT, win, lose))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffalign.data.synthetic import TOY_CHANNEL_REWARDS
 from diffalign.personalization.attention import (
     add_user_attention,
     has_user_attention,
@@ -438,22 +439,8 @@ def ppd_from_config(cfg, dataset, denoiser):
 # ---------------------------------------------------------------------------------------- synthetic users
 
 
-def _channel_reward(weights: tuple[float, float, float]) -> Callable:
-    w = torch.tensor(weights, dtype=torch.float32)
-
-    def reward(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return (images.float().mean(dim=(2, 3)) * w.to(images.device)).sum(dim=1)
-
-    return reward
-
-
 # Pixel-statistics rewards for offline toy runs: images are (N, 3, H, W) in [-1, 1].
-TOY_REWARDS: dict[str, Callable] = {
-    "toy_red": _channel_reward((1.0, -0.5, -0.5)),
-    "toy_blue": _channel_reward((-0.5, -0.5, 1.0)),
-    "toy_green": _channel_reward((-0.5, 1.0, -0.5)),
-    "toy_bright": _channel_reward((1 / 3, 1 / 3, 1 / 3)),
-}
+TOY_REWARDS: dict[str, Callable] = TOY_CHANNEL_REWARDS
 
 
 class SyntheticUser:
