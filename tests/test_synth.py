@@ -257,6 +257,14 @@ def test_end_to_end_interrupted_and_resumed_equals_clean_run(tmp_path):
 
     hub = load_dataset("parquet", data_dir=str(tmp_path / "resumed"), split="train", cache_dir=str(tmp_path / "hf"))
     assert sorted(hub["prompt_id"]) == sorted(r["prompt_id"] for r in b.to_pylist())
+    # PNG bytes are stored as list<binary>; cast_column types them as images, and they decode to the pixels.
+    from datasets import Image as HFImage
+    from datasets import Sequence
+
+    typed = hub.cast_column("images", Sequence(HFImage()))
+    first_row = next(r for r in b.to_pylist() if r["prompt_id"] == typed[0]["prompt_id"])
+    assert [im.tobytes() for im in typed[0]["images"]] == [
+        Image.open(BytesIO(x)).tobytes() for x in first_row["images"]]
 
     # Shards of an older version (data-*.parquet) are refused, not written again beside themselves.
     for shard in (tmp_path / "resumed").glob("train-*.parquet"):
