@@ -358,3 +358,19 @@ def test_registry_finds_rewards_registered_by_other_rooms():
     for name in ("toy_geneval", "toy_geneval_graded", "toy_clip", "toy_taste_warm"):
         assert name in names
     assert type(load("toy_geneval")).__name__ == "ToyGenEvalReward"
+
+
+def test_toy_rewards_come_from_the_entry_point_group_not_a_hard_coded_list(monkeypatch):
+    import inspect
+    from importlib.metadata import EntryPoint
+
+    from diffalign.rewards import base
+
+    assert "toyworld" not in inspect.getsource(base)  # the registry names no room above it
+    assert {"toy_clip", "toy_geneval", "toy_taste_warm"} <= set(rewards.available())
+    # A plugin that fails to import is named in the error, not skipped.
+    broken = EntryPoint(name="broken", value="diffalign.no_such_module", group=base.PLUGIN_GROUP)
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [broken] if group == base.PLUGIN_GROUP else [])
+    monkeypatch.setattr(base, "_plugins_loaded", False)
+    with pytest.raises(ImportError, match="reward plugin 'broken' \\(diffalign.no_such_module"):
+        rewards.available()

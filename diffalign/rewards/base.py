@@ -193,9 +193,9 @@ def register_reward(name: str, factory: Callable[..., RewardModel] | None = None
     return _register(factory) if factory is not None else _register
 
 
-# Rooms that register rewards of their own; imported on first need so `load("toy_clip")` works without
-# the caller importing the toy world first (and without loading it for the built-in rewards).
-_PLUGIN_MODULES = ("diffalign.toyworld.rewards", "diffalign.toyworld.toy_rewards", "diffalign.toyworld.toy_clip")
+# Packages (the toy world among them) register rewards of their own through this entry-point group; they are
+# imported on first need, so `load("toy_clip")` works without importing the toy world first.
+PLUGIN_GROUP = "diffalign.rewards"
 _plugins_loaded = False
 
 
@@ -203,11 +203,15 @@ def _load_plugins() -> None:
     global _plugins_loaded
     if _plugins_loaded:
         return
-    import importlib
+    from importlib.metadata import entry_points
 
     _plugins_loaded = True
-    for module in _PLUGIN_MODULES:
-        importlib.import_module(module)
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+        except Exception as e:
+            raise ImportError(f"reward plugin {ep.name!r} ({ep.value}, entry-point group {PLUGIN_GROUP!r}) "
+                              f"failed to import: {e}") from e
 
 
 def available() -> list[str]:
