@@ -1,5 +1,6 @@
 """The import graph of `diffalign` (every import statement, lazy ones included, read from the source) has no
-circles. A module always loads with its ancestor packages, so an edge to one of them is not counted."""
+circles. Importing `a.b.c` runs `a.b`'s `__init__` too, so it counts as an edge to `a.b`; a module's edges to its
+own ancestor packages are not counted (it always loads with them)."""
 
 import ast
 import os
@@ -30,17 +31,31 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in mods.items():
         package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
         targets = set()
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        lazy = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                for n in ast.walk(f)}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                targets.update(a.name for a in node.names)
+                found = {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(parts + ([base] if base else []))
-                targets.update(f"{base}.{a.name}" for a in node.names)
-        edges = {resolve(t) for t in targets if t.split(".")[0] == "diffalign"}
-        graph[name] = {t for t in edges if t and t != name and not name.startswith(t + ".")}
+                found = {f"{base}.{a.name}" for a in node.names}
+            else:
+                continue
+            if path.endswith("__init__.py") and id(node) in lazy:
+                # A package's lazy `__getattr__` loading its own submodule on first use is not an import of it.
+                found = {t for t in found if not t.startswith(name + ".")}
+            targets.update(found)
+        edges = set()
+        for t in targets:
+            target = resolve(t) if t.split(".")[0] == "diffalign" else None
+            while target and target != "diffalign":  # importing a.b.c runs a.b's __init__ first
+                edges.add(target)
+                target = target.rpartition(".")[0]
+        graph[name] = {t for t in edges if t != name and not name.startswith(t + ".")}
     return graph
 
 

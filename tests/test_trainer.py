@@ -591,3 +591,15 @@ def test_diffalign_train_cli(tmp_path, capsys):
     assert err.startswith("diffalign train: error: unknown config key(s) ['betta']") and "Traceback" not in err
     with pytest.raises(ValueError, match="Valid keys"):
         main(["--debug", "train", "--config", tiny_cfg, "betta=10"])
+
+
+def test_a_conditioning_hook_subclasses_the_interface(tmp_path):
+    from diffalign.personalization import PPDConditioning
+
+    assert issubclass(PPDConditioning, ConditioningHook)
+
+    class DuckTypedHook:  # the first, 3-method interface: no longer accepted silently
+        def policy_context(self, model, batch): ...
+
+    with pytest.raises(TypeError, match="must subclass diffalign.training.ConditioningHook"):
+        PreferenceTrainer(tiny(tmp_path), conditioning=DuckTypedHook())

@@ -3,9 +3,8 @@
 PPD is pairwise Diffusion-DPO in which the policy is the denoiser conditioned on the user's embedding
 (computed from that user's held-apart context pairs) and the reference is the same denoiser with user
 attention off (and LoRA off, when LoRA co-trains; with full fine-tuning, a frozen copy stripped of user
-attention). `PPDConditioning` implements the trainer's
-`ConditioningHook` interface (duck-typed: policy_context / reference_context / trainable_parameters, plus
-reference_copy / owned_state_keys / save / load / to).
+attention). `PPDConditioning` subclasses the trainer's `ConditioningHook` (policy_context / reference_context /
+trainable_parameters / reference_copy / owned_state_keys / save / load / to).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from diffalign.personalization.attention import (
     user_condition,
 )
 from diffalign.personalization.encoder import UserEmbeddingCache, UserEncoder, UserExample
+from diffalign.training.hooks import ConditioningHook
 
 USER_ATTENTION_FILE = "user_attention.safetensors"
 ENCODER_HEAD_FILE = "user_encoder_head.safetensors"
@@ -38,7 +38,7 @@ ENCODER_HEAD_FILE = "user_encoder_head.safetensors"
 logger = logging.getLogger(__name__)
 
 
-class PPDConditioning:
+class PPDConditioning(ConditioningHook):
     """The trainer's conditioning hook for `objective: ppd`.
 
     contexts: user_id -> that user's context examples (held apart from its training pairs).

@@ -24,6 +24,7 @@ import torch
 
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.config import TrainConfig
+from diffalign.training.hooks import ConditioningHook
 
 logger = logging.getLogger("diffalign.training")
 
@@ -42,53 +43,6 @@ class NonFiniteLossError(FloatingPointError):
 class _NonFinite(Exception):
     def __init__(self, value: float):
         self.value = value
-
-
-class ConditioningHook:
-    """How PPD plugs in (`diffalign.personalization.PPDConditioning` implements it). Defaults do nothing.
-
-    - `policy_context(model, batch)`: around the policy forward (user conditioning on).
-    - `reference_context(model, batch)`: around the reference forward when the reference IS the policy
-      model (tuning lora / none: user attention off). Not entered for tuning=full's frozen copy.
-    - `reference_copy(model)`: turns tuning=full's deep copy of the denoiser into the reference (PPD
-      strips the user attention from it, so the reference is exactly the base).
-    - `trainable_parameters()`: optimised with the denoiser's (user attention, encoder head). Those that
-      are not the denoiser's own (the encoder head) are broadcast from the main process at start and
-      their gradients all-reduced by hand, since accelerate does not wrap them.
-    - `owned_state_keys(model)`: denoiser state-dict keys the hook saves itself (kept out of full saves).
-    - `save(dir)` / `load(dir)`: the hook's weights, at checkpoints, at the end, and on resume.
-    - `to(device)`: move the hook's own modules.
-    """
-
-    def policy_context(self, model, batch):
-        return contextlib.nullcontext()
-
-    def reference_context(self, model, batch):
-        return contextlib.nullcontext()
-
-    def reference_copy(self, model):
-        return model
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return []
-
-    def owned_state_keys(self, model) -> set[str]:
-        return set()
-
-    def save(self, output_dir: str) -> None:
-        pass
-
-    def load(self, input_dir: str) -> None:
-        pass
-
-    def to(self, device):
-        return self
-
-
-def _hook_method(hook, name: str):
-    """`hook.name`, or the no-op default for hooks written against the first, 3-method interface."""
-    method = getattr(hook, name, None)
-    return method if method is not None else getattr(ConditioningHook(), name)
 
 
 def group_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
@@ -282,9 +236,12 @@ class PreferenceTrainer:
                 f"pairs filtered, {sp.filtered_rows} rows; {sp.rows_without_user} rows without user_id); "
                 f"{len(sp.train_users)} train / {len(sp.test_users)} test users; {len(self.dataset)} training pairs"
             )
+        if conditioning is not None and not isinstance(conditioning, ConditioningHook):
+            raise TypeError(f"conditioning must subclass diffalign.training.ConditioningHook (its defaults are the "
+                            f"no-ops of the methods it does not need), got {type(conditioning).__name__}")
         self.conditioning = conditioning
         if conditioning is not None:
-            _hook_method(conditioning, "to")(self.device)
+            conditioning.to(self.device)
         self._setup_models()
         self.null_text = None
         if cfg.prompt_dropout > 0:
@@ -392,7 +349,7 @@ class PreferenceTrainer:
                 # The frozen reference in the compute dtype (bf16 under bf16 mixed precision), on the accelerator.
                 reference = copy.deepcopy(denoiser)
                 if self.conditioning is not None:
-                    reference = _hook_method(self.conditioning, "reference_copy")(reference)  # PPD: the base without user attention
+                    reference = self.conditioning.reference_copy(reference)  # PPD: the base without user attention
                 self.reference = _place(reference, self.device, self.weight_dtype).eval().requires_grad_(False)
             denoiser.requires_grad_(True)
         if cfg.gradient_checkpointing:
@@ -777,7 +734,7 @@ class PreferenceTrainer:
             logger.warning(message)
             acc.print(f"warning: {message}")
         if self.conditioning is not None:
-            _hook_method(self.conditioning, "load")(path)  # user attention + encoder head (PPD)
+            self.conditioning.load(path)  # user attention + encoder head (PPD)
         state = ckpt.read_state(path)
         if self.ema is not None:
             from safetensors.torch import load_file
@@ -808,7 +765,7 @@ class PreferenceTrainer:
         final = None
         if acc.is_main_process:
             if self.conditioning is not None:
-                _hook_method(self.conditioning, "save")(tmp)
+                self.conditioning.save(tmp)
             state = {"global_step": step, "last_loss": last_loss, "config": cfg.to_dict(), "num_processes": acc.num_processes}
             if self.ema is not None:
                 from safetensors.torch import save_file
@@ -868,7 +825,7 @@ class PreferenceTrainer:
         if self.ema is not None:  # on every process: sharded models gather the EMA weights below
             self.ema.copy_to(self.trainable)
         model = self.unwrapped
-        owned = _hook_method(self.conditioning, "owned_state_keys")(model) if self.conditioning is not None else set()
+        owned = self.conditioning.owned_state_keys(model) if self.conditioning is not None else set()
         if cfg.tuning == "lora":
             if acc.is_main_process:
                 from peft.utils import get_peft_model_state_dict
@@ -894,7 +851,7 @@ class PreferenceTrainer:
         if cfg.tuning == "full" and acc.is_main_process:
             self._save_other_components(cfg.output_dir)
         if self.conditioning is not None and acc.is_main_process:
-            _hook_method(self.conditioning, "save")(cfg.output_dir)
+            self.conditioning.save(cfg.output_dir)
         if self.ppd_split is not None and acc.is_main_process:
             sp = self.ppd_split
             with open(os.path.join(cfg.output_dir, PPD_USERS_FILE), "w", encoding="utf-8") as f:
