@@ -176,7 +176,7 @@ def make_ours(comps, family, mixed_precision, tuning, grad_ckpt=False, compile_=
 
     # Modes in one run use different mixed precisions; accelerate allows one per process unless reset.
     AcceleratorState._reset_state(reset_partial_state=False)
-    adapter = get_family(family)(**comps)
+    adapter = get_family(family).from_components(comps)
     cfg = TrainConfig(
         pretrained_model_name_or_path="(in-memory)", objective="dpo", beta=5000.0, tuning=tuning, lora_rank=8,
         learning_rate=1e-5, mixed_precision=mixed_precision, gradient_checkpointing=grad_ckpt, torch_compile=compile_,

@@ -200,3 +200,34 @@ def test_group_encoding_is_one_pass_with_each_groups_own_draws(family, sdxl_pipe
         apart = torch.stack([fam.encode_images(px[i], generator=torch.Generator().manual_seed(s)) for i, s in enumerate((5, 6, 7))])
     assert together.shape == apart.shape
     torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-4)
+
+
+def test_family_options_are_explicit(sdxl_pipe, sd3_pipe, tmp_path):
+    from diffalign.training import PreferenceTrainer, TrainConfig
+
+    assert get_family("sdxl").from_pipeline(sdxl_pipe, prediction_type="v_prediction").prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match=r"\['prediction_type'\] do not apply to model family 'sd3'; its options: "
+                                         r"\['timestep_sampling'"):
+        get_family("sd3").from_pipeline(sd3_pipe, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match=r"\['loss_weighting'\] do not apply to model family 'sdxl'"):
+        get_family("sdxl").from_pipeline(sdxl_pipe, loss_weighting="cosmap")
+    # The trainer passes only the options a config sets, and the family refuses another family's.
+    cfg = TrainConfig(pretrained_model_name_or_path="tiny:sdxl", dataset="synthetic:pairs:4", resolution=64,
+                      loss_weighting="cosmap", report_to="none", progress_bar=False, output_dir=str(tmp_path / "o"))
+    assert cfg.family_options() == {"loss_weighting": "cosmap"}
+    with pytest.raises(ValueError, match="do not apply to model family 'sdxl'"):
+        PreferenceTrainer(cfg)
+
+
+def test_load_family_passes_revision_and_variant(monkeypatch, sdxl_pipe):
+    import diffalign.families as families
+
+    seen = {}
+
+    def fake_load_pipeline(model, seed=0, torch_dtype=None, revision=None, variant=None):
+        seen.update(model=model, revision=revision, variant=variant)
+        return sdxl_pipe
+
+    monkeypatch.setattr(families, "load_pipeline", fake_load_pipeline)
+    adapter = families.load_family("org/sdxl", revision="abc123", variant="fp16")
+    assert seen == {"model": "org/sdxl", "revision": "abc123", "variant": "fp16"} and adapter.name == "sdxl"

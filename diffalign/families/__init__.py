@@ -79,9 +79,11 @@ def null_components(model: str) -> dict:
     return {k: None for k, v in entries.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
 
 
-def load_family(model: str, family: str | None = None, seed: int = 0, **options):
-    """Build the family adapter for `model`; `options` go to the adapter (e.g. prediction_type)."""
-    pipe = load_pipeline(model, seed=seed)
+def load_family(model: str, family: str | None = None, seed: int = 0, revision: str | None = None,
+                variant: str | None = None, **options):
+    """Build the family adapter for `model`; `options` go to the adapter (e.g. prediction_type) and must be the
+    family's (`get_family(name).options`)."""
+    pipe = load_pipeline(model, seed=seed, revision=revision, variant=variant)
     name = family or family_of_pipeline(pipe)
     return get_family(name).from_pipeline(pipe, **options)
 

@@ -17,6 +17,26 @@ class FamilyAdapter:
     name: str = ""
     denoiser_attr: str = ""  # "unet" or "transformer"
     lora_target_modules: list[str] = []
+    options: tuple[str, ...] = ()  # the family's keyword options; the other constructor arguments are components
+
+    @classmethod
+    def from_pipeline(cls, pipe, **options):
+        """The adapter for a diffusers pipeline: the components it uses, plus family options (an option of
+        another family is an error that lists this family's)."""
+        return cls.from_components(pipe.components, **options)
+
+    @classmethod
+    def from_components(cls, components: dict, **options):
+        """As `from_pipeline`, from a pipeline's `components` dict."""
+        import inspect
+
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            raise ValueError(f"option(s) {unknown} do not apply to model family {cls.name!r}; "
+                             f"its options: {list(cls.options) or 'none'}")
+        wanted = set(inspect.signature(cls.__init__).parameters) - {"self"} - set(cls.options)
+        # Components the adapter does not use (safety checker, IP-Adapter image encoder) stay with the pipeline.
+        return cls(**{k: v for k, v in components.items() if k in wanted}, **options)
 
     # --- implemented by each family -------------------------------------------------------
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ class SD3Family(FamilyAdapter):
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     ]
+    options = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "max_sequence_length")
 
     def __init__(
         self,
@@ -62,7 +63,6 @@ class SD3Family(FamilyAdapter):
         mode_scale: float = 1.29,
         loss_weighting: str = "none",
         max_sequence_length: int = 77,
-        **_unused,
     ):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -79,10 +79,6 @@ class SD3Family(FamilyAdapter):
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.max_sequence_length = max_sequence_length
         self.freeze_frozen_parts()
-
-    @classmethod
-    def from_pipeline(cls, pipe, **kwargs):
-        return cls(**dict(pipe.components.items()), **kwargs)
 
     # --- text and images -----------------------------------------------------------------
     @torch.no_grad()

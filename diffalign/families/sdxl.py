@@ -38,6 +38,7 @@ class SDXLFamily(FamilyAdapter):
     pipeline_class_name = "StableDiffusionXLPipeline"
     # The attention projections, as in the diffusers DPO / LoRA examples.
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
+    options = ("prediction_type",)
 
     def __init__(
         self,
@@ -49,7 +50,6 @@ class SDXLFamily(FamilyAdapter):
         text_encoder_2=None,
         tokenizer_2=None,
         prediction_type: str | None = None,
-        **_unused,
     ):
         from diffusers import DDPMScheduler
 
@@ -66,10 +66,6 @@ class SDXLFamily(FamilyAdapter):
         self.freeze_frozen_parts()
         if self.is_xl and getattr(unet.config, "addition_embed_type", None) != "text_time":
             raise ValueError("an SDXL UNet needs addition_embed_type='text_time' (micro-conditioning)")
-
-    @classmethod
-    def from_pipeline(cls, pipe, **kwargs):
-        return cls(**{k: v for k, v in pipe.components.items()}, **kwargs)
 
     # --- text and images -----------------------------------------------------------------
     @torch.no_grad()
@@ -177,5 +173,5 @@ class SD15Family(SDXLFamily):
     name = "sd15"
     pipeline_class_name = "StableDiffusionPipeline"
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, prediction_type=None, **_unused):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, prediction_type=None):
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, prediction_type=prediction_type)

@@ -203,17 +203,15 @@ class PreferenceTrainer:
         torch.manual_seed(cfg.seed)
 
         # --- model -------------------------------------------------------------------------
+        family_options = cfg.family_options()
         if adapter is None:
             from diffalign.families import load_family
 
-            adapter = load_family(
-                cfg.pretrained_model_name_or_path, family=cfg.family, seed=cfg.model_seed,
-                prediction_type=cfg.prediction_type, timestep_sampling=cfg.timestep_sampling, logit_mean=cfg.logit_mean,
-                logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, loss_weighting=cfg.loss_weighting,
-                max_sequence_length=cfg.max_sequence_length,
-            )
-        if adapter.name != "sd3" and (cfg.loss_weighting != "none" or cfg.timestep_sampling != "logit_normal"):
-            raise ValueError("loss_weighting / timestep_sampling are SD3 (flow matching) options; leave them at their defaults")
+            adapter = load_family(cfg.pretrained_model_name_or_path, family=cfg.family, seed=cfg.model_seed,
+                                  revision=cfg.revision, variant=cfg.variant, **family_options)
+        elif family_options:
+            raise ValueError(f"{sorted(family_options)} are model-family options; with an adapter passed in, set them "
+                             "on the adapter")
         if cfg.pretrained_vae_model_name_or_path:
             from diffusers import AutoencoderKL
 
