@@ -221,3 +221,20 @@ def test_compute_dispatches():
     assert torch.isfinite(ranked)
     sft_loss, _ = compute("sft", err_policy, None, scores)
     torch.testing.assert_close(sft_loss, err_policy[:, 0].mean())
+
+
+def test_one_objective_registry_feeds_the_config():
+    import typing
+
+    from diffalign.objectives import REGISTRY, objective_kwargs
+    from diffalign.training import TrainConfig
+
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["objective"]) == tuple(REGISTRY)
+    assert {n: s.needs_reference for n, s in REGISTRY.items()}["sft"] is False
+    cfg = TrainConfig(objective="rankdpo", beta=7.0, rank_weighting="none")
+    assert objective_kwargs("rankdpo", cfg) == {"beta": 7.0, "weighting": "none", "discount_from": cfg.discount_from}
+    assert objective_kwargs("sft", cfg) == {} and TrainConfig(objective="ppd").loss_name == "dpo"
+    # One way to ask for IPO: the objective's name.
+    assert TrainConfig(objective="ipo").loss_name == "ipo"
+    with pytest.raises(ValueError, match="loss_type is gone: ask for objective=ipo"):
+        TrainConfig.from_dict({"objective": "dpo", "loss_type": "ipo"})

@@ -584,7 +584,7 @@ def test_diffalign_train_cli(tmp_path, capsys):
     from dataclasses import fields
 
     missing = [f.name for f in fields(TrainConfig) if f"--{f.name}" not in listed or not f.metadata.get("help")]
-    assert missing == [] and "{dpo,rankdpo,sft,ipo,hinge,ppd}" in listed
+    assert missing == [] and "{dpo,ipo,hinge,rankdpo,sft,ppd}" in listed
     capsys.readouterr()
     assert main(["train", "--config", tiny_cfg, "betta=10"]) == 2  # an expected error: one line, no traceback
     err = capsys.readouterr().err

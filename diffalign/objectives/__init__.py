@@ -6,6 +6,8 @@ and returns `(loss, metrics)`; metrics are 0-dim detached float32 tensors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from diffalign.objectives._validation import check_scores
@@ -13,8 +15,39 @@ from diffalign.objectives.pairwise import LOSS_TYPES, dpo, dpo_logits
 from diffalign.objectives.ranked import dcg_pair_weights, rank_dpo, ranks_from
 from diffalign.objectives.sft import sft
 
-OBJECTIVES = ("dpo", "ipo", "hinge", "rankdpo", "sft")
-NEEDS_REFERENCE = {"dpo": True, "ipo": True, "hinge": True, "rankdpo": True, "sft": False}
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective as the trainer sees it. `loss`: the `compute` name it runs (PPD runs DPO under user
+    conditioning); `options`: `compute` keyword -> the TrainConfig field it comes from."""
+
+    name: str
+    help: str
+    loss: str
+    needs_reference: bool = True
+    options: dict = field(default_factory=dict)
+
+
+def _spec(name, help, loss=None, needs_reference=True, **options):
+    return ObjectiveSpec(name, help, loss or name, needs_reference, {"beta": "beta", **options} if needs_reference else options)
+
+
+# The one list of objectives: TrainConfig takes its `objective` choices from it.
+REGISTRY: dict[str, ObjectiveSpec] = {s.name: s for s in (
+    _spec("dpo", "pairwise Diffusion-DPO, sigmoid loss (kept ties become soft labels)"),
+    _spec("ipo", "pairwise, IPO's squared loss"),
+    _spec("hinge", "pairwise, hinge loss"),
+    _spec("rankdpo", "listwise RankDPO with DCG weights", weighting="rank_weighting", discount_from="discount_from"),
+    _spec("sft", "supervised fine-tuning on the best sample (no reference)", needs_reference=False),
+    _spec("ppd", "personalized DPO: pairwise DPO under user conditioning (docs/personalization.md)", loss="dpo"),
+)}
+OBJECTIVES = tuple(name for name, spec in REGISTRY.items() if spec.loss == name)  # what `compute` runs
+NEEDS_REFERENCE = {name: spec.needs_reference for name, spec in REGISTRY.items()}
+
+
+def objective_kwargs(name: str, config) -> dict:
+    """`compute`'s keyword arguments for objective `name`, read from a config object's fields."""
+    return {kw: getattr(config, attr) for kw, attr in REGISTRY[name].options.items()}
 
 
 def compute(
@@ -55,6 +88,9 @@ __all__ = [
     "LOSS_TYPES",
     "NEEDS_REFERENCE",
     "OBJECTIVES",
+    "REGISTRY",
+    "ObjectiveSpec",
+    "objective_kwargs",
     "compute",
     "dcg_pair_weights",
     "dpo",

@@ -11,17 +11,18 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from diffalign.objectives import REGISTRY as OBJECTIVE_REGISTRY
+
 # Choice fields are Literal-typed, so HfArgumentParser and `diffalign train --help` list their choices.
-Objective = Literal["dpo", "rankdpo", "sft", "ipo", "hinge", "ppd"]
-LossType = Literal["sigmoid", "ipo", "hinge"]
+Objective = Literal[tuple(OBJECTIVE_REGISTRY)]  # diffalign.objectives.REGISTRY: the one list of objectives
 Tuning = Literal["lora", "full", "none"]  # none: base frozen, only a conditioning hook's weights train (PPD)
 PPDEncoder = Literal["clip", "vlm"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 Optimizer = Literal["adamw", "adamw8bit", "adafactor"]
 AttentionBackend = Literal["sdpa", "xformers"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine"]
-OBJECTIVES, LOSS_TYPES, TUNING, PPD_ENCODERS, MIXED_PRECISION, OPTIMIZERS, ATTENTION, LR_SCHEDULERS = (
-    typing.get_args(t) for t in (Objective, LossType, Tuning, PPDEncoder, MixedPrecision, Optimizer, AttentionBackend, LRScheduler)
+OBJECTIVES, TUNING, PPD_ENCODERS, MIXED_PRECISION, OPTIMIZERS, ATTENTION, LR_SCHEDULERS = (
+    typing.get_args(t) for t in (Objective, Tuning, PPDEncoder, MixedPrecision, Optimizer, AttentionBackend, LRScheduler)
 )
 
 
@@ -48,8 +49,7 @@ class TrainConfig:
     model_seed: int = option(0, "seed of the random weights of tiny:* models")
 
     # --- objective -------------------------------------------------------------------------
-    objective: Objective = option("dpo", "dpo / rankdpo / sft / ipo / hinge / ppd")
-    loss_type: LossType = option("sigmoid", "for objective=dpo: sigmoid / ipo / hinge")
+    objective: Objective = option("dpo", "; ".join(f"{s.name}: {s.help}" for s in OBJECTIVE_REGISTRY.values()))
     beta: float = option(5000.0, "KL strength of DPO/RankDPO/PPD (Diffusion-DPO uses 5000 for SDXL)")
     rank_weighting: str = option("dcg", "rankdpo: dcg / none")
     discount_from: str = option("true", "rankdpo: true / predicted")
@@ -149,7 +149,6 @@ class TrainConfig:
                 raise ValueError(f"{name}={value!r} is not one of {list(options)}")
 
         choice("objective", OBJECTIVES)
-        choice("loss_type", LOSS_TYPES)
         choice("tuning", TUNING)
         if self.mixed_precision is not None:
             choice("mixed_precision", MIXED_PRECISION)
@@ -215,17 +214,11 @@ class TrainConfig:
                 raise ValueError("ppd_encoder_dim and ppd_num_tokens must be >= 1")
             if self.precompute_reference:
                 raise ValueError("precompute_reference does not apply to objective='ppd' (the reference pass is per user batch); turn it off")
-        if self.objective != "dpo" and self.loss_type != "sigmoid":
-            raise ValueError(f"loss_type={self.loss_type!r} applies to objective='dpo' only; use objective='{self.loss_type}'")
 
     @property
     def loss_name(self) -> str:
         """The name `diffalign.objectives.compute` dispatches on."""
-        if self.objective == "dpo":
-            return "dpo" if self.loss_type == "sigmoid" else self.loss_type
-        if self.objective == "ppd":
-            return "dpo"  # PPD is pairwise DPO under user conditioning
-        return self.objective
+        return OBJECTIVE_REGISTRY[self.objective].loss
 
     @classmethod
     def valid_keys(cls) -> list[str]:
@@ -238,6 +231,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
+        if "loss_type" in values:
+            raise ValueError("loss_type is gone: ask for objective=ipo or objective=hinge (objective=dpo is the "
+                             "sigmoid loss)")
         unknown = sorted(set(values) - set(cls.valid_keys()))
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}. Valid keys: {', '.join(cls.valid_keys())}")

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from diffalign.objectives import REGISTRY as OBJECTIVE_REGISTRY
 from diffalign.training import checkpoint as ckpt
 from diffalign.training.config import TrainConfig
 from diffalign.training.hooks import ConditioningHook
@@ -217,7 +218,7 @@ class PreferenceTrainer:
 
             adapter.vae = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path).eval().requires_grad_(False)
         self.adapter = adapter
-        self.needs_reference = cfg.loss_name != "sft"
+        self.needs_reference = OBJECTIVE_REGISTRY[cfg.objective].needs_reference
         if cfg.tuning == "none" and conditioning is None and cfg.objective != "ppd":
             raise ValueError("tuning='none' needs a conditioning hook whose weights train (objective='ppd')")
         # --- data (before the models are cast: a cache checks the encoders' fingerprint) ------
@@ -507,7 +508,7 @@ class PreferenceTrainer:
     def compute_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
         """Loss and metrics of one micro-batch. A batch carrying `ref_errors` (precomputed) skips the reference pass."""
         from diffalign.kernels import per_sample_error
-        from diffalign.objectives import compute
+        from diffalign.objectives import compute, objective_kwargs
 
         cfg, adapter, acc = self.config, self.adapter, self.accelerator
         inputs = self.prepare_inputs(batch, micro_step)
@@ -527,11 +528,7 @@ class PreferenceTrainer:
             bad = bad | (~torch.isfinite(err_ref)).any()
         if acc.reduce(bad.float().reshape(1), reduction="sum").item() > 0:
             raise _NonFinite(float("nan"))
-        kwargs = {}
-        if cfg.loss_name == "rankdpo":
-            kwargs = {"weighting": cfg.rank_weighting, "discount_from": cfg.discount_from}
-        beta = {} if cfg.loss_name == "sft" else {"beta": cfg.beta}
-        loss, metrics = compute(cfg.loss_name, err_policy, err_ref, inputs["scores"], **beta, **kwargs)
+        loss, metrics = compute(cfg.loss_name, err_policy, err_ref, inputs["scores"], **objective_kwargs(cfg.objective, cfg))
         if cfg.sft_weight > 0:
             anchor, _ = compute("sft", err_policy, None, inputs["scores"])
             loss = loss + cfg.sft_weight * anchor
