@@ -127,7 +127,7 @@ def test_compare_returns_base_and_aligned_images_with_scores(server):
         assert (rewards["toy_geneval"] == 1.0) == details[side]["geneval"]["correct"]
         verdict = details[side]["geneval"]
         assert verdict["available"] and verdict["task"] == "colors"
-        assert isinstance(verdict["correct"], bool)
+        assert verdict["correct"] is (rewards["toy_geneval"] == 1.0)
         assert verdict["correct"] or verdict["reason"]  # a failure always says why
         assert CLIP_REWARD in md and "GenEval (colors)" in md
     # Same seed -> the same base image (the comparison is paired).

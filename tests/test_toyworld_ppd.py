@@ -54,7 +54,10 @@ def test_interpolation_endpoints_are_the_users_own_images(run):
     # alpha 0 is user A's own embedding, alpha 1 user B's: the same images as their own N=ns generations.
     assert points[0]["reward_a"] == pytest.approx(res["per_user"][it["user_a"]]["mean_reward"][ns])
     assert points[-1]["reward_b"] == pytest.approx(res["per_user"][it["user_b"]]["mean_reward"][ns])
-    assert isinstance(it["monotone_a"], bool) and isinstance(it["monotone_b"], bool)
+    # Strictly monotone (k=0): A's reward never rises from alpha 0 to 1, B's never falls.
+    ra, rb = [p["reward_a"] for p in points], [p["reward_b"] for p in points]
+    assert it["monotone_a"] is all(b <= a for a, b in zip(ra, ra[1:]))
+    assert it["monotone_b"] is all(b >= a for a, b in zip(rb, rb[1:]))
     with open(os.path.join(out, "results.json")) as f:
         assert json.load(f)["interpolation"]["points"] == points
 
