@@ -231,3 +231,16 @@ def test_load_family_passes_revision_and_variant(monkeypatch, sdxl_pipe):
     monkeypatch.setattr(families, "load_pipeline", fake_load_pipeline)
     adapter = families.load_family("org/sdxl", revision="abc123", variant="fp16")
     assert seen == {"model": "org/sdxl", "revision": "abc123", "variant": "fp16"} and adapter.name == "sdxl"
+
+
+def test_one_pipeline_loader_knows_tiny_specs_with_a_seed():
+    from diffalign.families import load_pipeline
+
+    a, b = load_pipeline("tiny:sdxl:3"), load_pipeline("tiny:sdxl", seed=3)
+    other = load_pipeline("tiny:sdxl", seed=4)
+    wa, wb, wo = (next(p.unet.parameters()) for p in (a, b, other))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wo)
+    assert type(load_pipeline("tiny:sd3-t5")).__name__ == "StableDiffusion3Pipeline"
+    for bad in ("tiny:flux", "tiny:sdxl:x", "tiny:sdxl:1:2"):
+        with pytest.raises(ValueError, match="unknown tiny model"):
+            load_pipeline(bad)

@@ -126,20 +126,16 @@ def family_of(pipe) -> str:
 
 
 def load_pipeline(source: ModelSource, device: torch.device, dtype: torch.dtype):
-    if source.kind == "tiny":
-        from diffalign import testing
+    from diffalign.families import load_pipeline as load_any_pipeline
 
-        pipe = testing.tiny_sdxl_pipeline(0) if source.family == "sdxl" else testing.tiny_sd3_pipeline(0)
+    if source.kind == "tiny":
+        pipe = load_any_pipeline(f"tiny:{source.family}")
     elif source.kind == "toy":
-        from diffalign.toyworld.pretrain import load_toy_pipeline  # the toy room's loader (toy-sd3 has no T5)
+        from diffalign.toyworld.pretrain import load_toy_pipeline  # finds the shipped checkpoint
 
         pipe = load_toy_pipeline(source.family, source.location, device="cpu")
     else:
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(
-            source.location, torch_dtype=dtype, use_safetensors=True
-        )
+        pipe = load_any_pipeline(source.location, torch_dtype=dtype, use_safetensors=True)  # no pickles
     source.family = family_of(pipe)
     pipe.set_progress_bar_config(disable=True)
     if source.kind != "pretrained" and dtype != torch.float32:

@@ -43,24 +43,24 @@ def family_of_pipeline(pipe) -> str:
     raise ValueError(f"no family adapter for pipeline class {cls_name}; set `family` to one of {available_families()}")
 
 
-def load_pipeline(model: str, seed: int = 0, torch_dtype=None, revision: str | None = None, variant: str | None = None):
-    """A diffusers pipeline from `tiny:<name>` (offline, random weights) or a hub id / local path."""
+def load_pipeline(model: str, seed: int = 0, torch_dtype=None, revision: str | None = None, variant: str | None = None,
+                  use_safetensors: bool | None = None):
+    """The one pipeline loader: `tiny:sdxl` / `tiny:sd3` / `tiny:sd3-t5` (offline, random weights; an optional
+    `:SEED` suffix overrides `seed`), or a Hub id / local diffusers folder (components its model_index.json lists
+    as null, such as SD3 saved without T5, are passed as None)."""
     if model.startswith("tiny:"):
         from diffalign import testing
 
-        kind = model.split(":", 1)[1]
-        if kind == "sdxl":
-            pipe = testing.tiny_sdxl_pipeline(seed)
-        elif kind in ("sd3", "sd3-t5"):
-            pipe = testing.tiny_sd3_pipeline(seed, with_t5=kind == "sd3-t5")
-        else:
-            raise ValueError(f"unknown tiny model {model!r}; use tiny:sdxl, tiny:sd3 or tiny:sd3-t5")
+        parts = model.split(":")
+        kind = parts[1]
+        if kind not in ("sdxl", "sd3", "sd3-t5") or len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
+            raise ValueError(f"unknown tiny model {model!r}; use tiny:sdxl, tiny:sd3 or tiny:sd3-t5, optionally with :SEED")
+        seed = int(parts[2]) if len(parts) == 3 else seed
+        pipe = testing.tiny_sdxl_pipeline(seed) if kind == "sdxl" else testing.tiny_sd3_pipeline(seed, with_t5=kind == "sd3-t5")
         return pipe.to(torch_dtype) if torch_dtype is not None else pipe
     from diffusers import DiffusionPipeline
 
-    kwargs = {"revision": revision, "variant": variant}
-    if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+    kwargs = {"revision": revision, "variant": variant, "torch_dtype": torch_dtype, "use_safetensors": use_safetensors}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return DiffusionPipeline.from_pretrained(model, **kwargs, **null_components(model))
 

@@ -148,35 +148,12 @@ def load_pipeline(spec: GeneratorSpec, device):
     """Build the pipeline for `spec` on `device` (one at a time: the caller frees it before the next)."""
     import torch
 
+    from diffalign.families import load_pipeline as load_any_pipeline
     from diffalign.rewards.base import resolve_dtype
 
     device = torch.device(device)
-    if spec.source.startswith("tiny:"):
-        from diffalign import testing
-
-        parts = spec.source.split(":")
-        family = parts[1] if len(parts) > 1 else ""
-        weight_seed = int(parts[2]) if len(parts) > 2 else 0
-        builders = {"sdxl": testing.tiny_sdxl_pipeline, "sd3": testing.tiny_sd3_pipeline}
-        if family not in builders or len(parts) > 3:
-            raise ValueError(f"generator {spec.source!r}: tiny specs are tiny:sdxl[:seed] or tiny:sd3[:seed]")
-        pipe = builders[family](weight_seed)
-        dtype = resolve_dtype(spec.dtype or "float32")
-    else:
-        from diffusers import DiffusionPipeline
-
-        dtype = resolve_dtype(spec.dtype or ("float16" if device.type == "cuda" else "float32"))
-        kwargs = {"torch_dtype": dtype}
-        if spec.variant:
-            kwargs["variant"] = spec.variant
-        from diffalign.families import null_components
-
-        pipe = DiffusionPipeline.from_pretrained(spec.source, **kwargs, **null_components(spec.source))
-        pipe = pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return swap_scheduler(pipe, spec.scheduler)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
+    default = "float16" if device.type == "cuda" and not spec.source.startswith("tiny:") else "float32"
+    pipe = load_any_pipeline(spec.source, torch_dtype=resolve_dtype(spec.dtype or default), variant=spec.variant or None)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return swap_scheduler(pipe, spec.scheduler)

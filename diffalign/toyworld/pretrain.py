@@ -869,16 +869,17 @@ def load_toy_pipeline(family: str = "sdxl", path: str | None = None, device: str
     """The shipped toy pipeline (`StableDiffusionXLPipeline` or `StableDiffusion3Pipeline`)."""
     from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
+    from diffalign.families import load_pipeline
+
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     path = path or os.path.join(CHECKPOINT_ROOT, f"toy-{family}")
     if not os.path.exists(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"no toy-{family} pipeline at {path}; build it with `python -m diffalign.toyworld.pretrain --family {family}`")
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(path)
-    else:
-        # toy-sd3 has no T5, like SD3 run without it: diffusers wants that said explicitly.
-        pipe = StableDiffusion3Pipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    pipe = load_pipeline(path)  # toy-sd3 has no T5: its model_index.json lists it as null
+    expected = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusion3Pipeline
+    if not isinstance(pipe, expected):
+        raise ValueError(f"{path} holds a {type(pipe).__name__}, not the toy-{family} {expected.__name__}")
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -102,11 +102,12 @@ def load_pipeline(
     device: str | None = None,
     variant: str | None = None,
 ):
-    """A diffusers text-to-image pipeline from a hub id or local folder, optionally with LoRA weights."""
-    from diffusers import DiffusionPipeline
+    """A diffusers text-to-image pipeline from a hub id, local folder or `tiny:` spec (`diffalign.families.
+    load_pipeline`), optionally with LoRA weights."""
+    from diffalign.families import load_pipeline as load_any_pipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=variant)
+    pipe = load_any_pipeline(model, torch_dtype=dtype, variant=variant)
     if lora is not None:
         pipe.load_lora_weights(lora)
         if not any(pipe.get_list_adapters().values()):
