@@ -229,7 +229,8 @@ def test_one_objective_registry_feeds_the_config():
     from diffalign.objectives import REGISTRY, objective_kwargs
     from diffalign.training import TrainConfig
 
-    assert typing.get_args(typing.get_type_hints(TrainConfig)["objective"]) == tuple(REGISTRY)
+    # The field's choices are the registry's when diffalign.training was imported (later registrations validate too).
+    assert set(REGISTRY) <= set(typing.get_args(typing.get_type_hints(TrainConfig)["objective"]))
     assert {n: s.needs_reference for n, s in REGISTRY.items()}["sft"] is False
     cfg = TrainConfig(objective="rankdpo", beta=7.0, rank_weighting="none")
     assert objective_kwargs("rankdpo", cfg) == {"beta": 7.0, "weighting": "none", "discount_from": cfg.discount_from}

@@ -148,7 +148,7 @@ class TrainConfig:
             if value not in options:
                 raise ValueError(f"{name}={value!r} is not one of {list(options)}")
 
-        choice("objective", OBJECTIVES)
+        choice("objective", tuple(OBJECTIVE_REGISTRY))  # live: objectives registered after import count
         choice("tuning", TUNING)
         if self.mixed_precision is not None:
             choice("mixed_precision", MIXED_PRECISION)
