@@ -462,3 +462,16 @@ def test_ppd_from_pickapic_parquet_filters_users_and_never_uses_ties_as_context(
     assert 0 not in split.context_rows["a"]  # row 0 is user a's tie: never a context example
     assert len(trainer.dataset) == 8 and not set(trainer.dataset.indices) & {i for r in split.context_rows.values() for i in r}
     assert all(trainer.dataset[i]["user_id"] in ("a", "b") for i in range(len(trainer.dataset)))
+
+
+def test_personalized_pipeline_class_per_family():
+    from diffalign.pipelines import (
+        PersonalizedStableDiffusion3Pipeline,
+        PersonalizedStableDiffusionXLPipeline,
+        personalized_pipeline_class,
+    )
+
+    assert personalized_pipeline_class("sdxl") is PersonalizedStableDiffusionXLPipeline
+    assert personalized_pipeline_class("sd3") is PersonalizedStableDiffusion3Pipeline
+    with pytest.raises(ValueError, match="no personalized pipeline for model family 'sd15'"):
+        personalized_pipeline_class("sd15")

@@ -70,10 +70,7 @@ class Personalizer:
         self._pairs: OrderedDict[tuple, list] = OrderedDict()
         try:
             from diffalign import personalization
-            from diffalign.pipelines import (
-                PersonalizedStableDiffusion3Pipeline,
-                PersonalizedStableDiffusionXLPipeline,
-            )
+            from diffalign.pipelines import personalized_pipeline_class
         except ImportError as e:
             self.missing = f"personalization is not available in this install ({e})"
             return
@@ -104,7 +101,7 @@ class Personalizer:
                     "checkpoint with `--user_adapter`."
                 )
         denoiser.to(device=models.device)
-        cls = PersonalizedStableDiffusionXLPipeline if models.family == "sdxl" else PersonalizedStableDiffusion3Pipeline
+        cls = personalized_pipeline_class(models.family)
         self.pipe = cls.from_base(models.pipe, user_encoder=self.encoder)
 
     def _build_encoder(self, user_adapter: str | None, user_encoder: str | None):

@@ -122,10 +122,7 @@ def run_toy_ppd(
 ) -> dict:
     """Train PPD on two synthetic users with the project trainer, then measure. Writes results.json."""
     from diffalign.families import load_family
-    from diffalign.pipelines import (
-        PersonalizedStableDiffusion3Pipeline,
-        PersonalizedStableDiffusionXLPipeline,
-    )
+    from diffalign.pipelines import personalized_pipeline_class
     from diffalign.training.config import TrainConfig
     from diffalign.training.trainer import PreferenceTrainer
 
@@ -167,7 +164,7 @@ def run_toy_ppd(
 
     # Generation: LoRA off and user attention off = the base; LoRA off + user = the user branch alone.
     pipe = adapter.pipeline(model_)
-    cls = PersonalizedStableDiffusion3Pipeline if adapter.name == "sd3" else PersonalizedStableDiffusionXLPipeline
+    cls = personalized_pipeline_class(adapter.name)
     ppipe = cls.from_base(pipe)
     ppipe.set_progress_bar_config(disable=True)
     seeds = list(range(1000, 1000 + eval_seeds))
@@ -199,10 +196,7 @@ def evaluate_saved(output_dir: str, model: str = "tiny:sd3", num_context: int = 
     """Re-evaluate a finished toy run from its saved user attention + encoder head, user branch only (no LoRA)."""
     from diffalign.families import load_family
     from diffalign.personalization.attention import load_user_attention
-    from diffalign.pipelines import (
-        PersonalizedStableDiffusion3Pipeline,
-        PersonalizedStableDiffusionXLPipeline,
-    )
+    from diffalign.pipelines import personalized_pipeline_class
 
     users = {name: SyntheticUser(name, rewards) for name, rewards in USERS.items()}
     test_pairs = TwoUserPairs(users, 32, resolution, seed + 1)
@@ -220,7 +214,7 @@ def evaluate_saved(output_dir: str, model: str = "tiny:sd3", num_context: int = 
         other = [v for v in users if v != u][0]
         out["implicit_accuracy"][u] = implicit_accuracy(adapter, den, embeddings[u], test_pairs, u, seed=seed)
         out["cross_user_implicit_accuracy"][u] = implicit_accuracy(adapter, den, embeddings[other], test_pairs, u, seed=seed)
-    cls = PersonalizedStableDiffusion3Pipeline if adapter.name == "sd3" else PersonalizedStableDiffusionXLPipeline
+    cls = personalized_pipeline_class(adapter.name)
     pipe = cls.from_base(adapter.pipeline(den))
     pipe.set_progress_bar_config(disable=True)
     seeds = list(range(1000, 1000 + eval_seeds))
