@@ -405,7 +405,7 @@ def test_ppd_full_finetune_reference_is_the_base_without_user_attention(tmp_path
     assert _losses(out)[1] == pytest.approx(math.log(2), abs=1e-4)
     # After training (base weights moved, user value weights made large), the reference is still the pristine base.
     from diffalign.kernels import per_sample_error
-    from diffalign.training.trainer import KeyedDataset, collate_keyed
+    from diffalign.training.sampling import KeyedDataset, collate_keyed
 
     with torch.no_grad():
         for attn in getattr(den, STATE_ATTR).layers:

@@ -405,7 +405,7 @@ def test_mixed_precision_comes_from_the_launcher_unless_set(tmp_path, monkeypatc
 def test_gradient_accumulation_sums_the_micro_batches_mean(tmp_path):
     """accelerator.accumulate(): the update's gradient is the mean of the micro-batches' gradients, and a
     wrong number of micro-batches is refused."""
-    from diffalign.training.trainer import KeyedDataset, collate_keyed
+    from diffalign.training.sampling import KeyedDataset, collate_keyed
 
     trainer = PreferenceTrainer(tiny(tmp_path, train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=0.0))
     data = KeyedDataset(trainer.dataset)
