@@ -31,6 +31,11 @@ def get_family(name: str) -> type:
     return _REGISTRY[name]
 
 
+def family_option_names() -> list[str]:
+    """Every registered family's keyword options (`FamilyAdapter.options`)."""
+    return sorted({name for cls in _REGISTRY.values() for name in cls.options})
+
+
 def family_of_pipeline(pipe) -> str:
     """The family name for a diffusers pipeline object, from its class."""
     cls_name = type(pipe).__name__

@@ -24,13 +24,13 @@ import time
 import numpy as np
 import torch
 
-from diffalign.data.synthetic import TWO_USER_PROMPT, TwoUserPairs, pair_images
+from diffalign.data.synthetic import TWO_USER_PROMPT as PROMPT
+from diffalign.data.synthetic import TwoUserPairs, pair_images
 from diffalign.personalization.attention import user_attention_disabled, user_condition
 from diffalign.personalization.encoder import UserExample, tiny_clip_user_encoder
 from diffalign.personalization.training import PPDConditioning, SyntheticUser
 
 USERS = {"warm": {"toy_red": 1.0}, "cool": {"toy_blue": 1.0}}
-PROMPT = TWO_USER_PROMPT
 
 
 def context_examples(users: dict[str, SyntheticUser], num_context: int, resolution: int, seed: int) -> dict[str, list[UserExample]]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from diffalign.data.synthetic import TOY_CHANNEL_REWARDS
+from diffalign.data.synthetic import TOY_CHANNEL_REWARDS as TOY_REWARDS  # pixel-statistics toy rewards
 from diffalign.personalization.attention import (
     add_user_attention,
     has_user_attention,
@@ -437,10 +437,6 @@ def ppd_from_config(cfg, dataset, denoiser):
 
 
 # ---------------------------------------------------------------------------------------- synthetic users
-
-
-# Pixel-statistics rewards for offline toy runs: images are (N, 3, H, W) in [-1, 1].
-TOY_REWARDS: dict[str, Callable] = TOY_CHANNEL_REWARDS
 
 
 class SyntheticUser:

@@ -225,9 +225,12 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     def family_options(self) -> dict:
-        """The model-family options set away from their defaults (the family checks that they are its own)."""
+        """The model-family options (any family's `options` that is a field here) set away from their defaults;
+        the family then checks that they are its own."""
+        from diffalign.families import family_option_names
+
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        return {k: getattr(self, k) for k in FAMILY_OPTION_FIELDS if getattr(self, k) != defaults[k]}
+        return {k: getattr(self, k) for k in family_option_names() if k in defaults and getattr(self, k) != defaults[k]}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -262,10 +265,6 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-
-# TrainConfig fields that are model-family options (`diffalign.families`: SDXL's and SD3's `options`).
-FAMILY_OPTION_FIELDS = ("prediction_type", "timestep_sampling", "logit_mean", "logit_std", "mode_scale",
-                        "loss_weighting", "max_sequence_length")
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")  # also reachable as train/configs in a checkout
 

@@ -115,6 +115,9 @@ class PreferenceTrainer:
 
         config.validate()
         self.config = cfg = config
+        if conditioning is not None and not isinstance(conditioning, ConditioningHook):
+            raise TypeError(f"conditioning must subclass diffalign.training.ConditioningHook (its defaults are the "
+                            f"no-ops of the methods it does not need), got {type(conditioning).__name__}")
         if cfg.mixed_precision is None:  # what Accelerator(mixed_precision=None) would take: the launcher's choice
             cfg.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
             cfg.validate()
@@ -180,9 +183,6 @@ class PreferenceTrainer:
                 f"pairs filtered, {sp.filtered_rows} rows; {sp.rows_without_user} rows without user_id); "
                 f"{len(sp.train_users)} train / {len(sp.test_users)} test users; {len(self.dataset)} training pairs"
             )
-        if conditioning is not None and not isinstance(conditioning, ConditioningHook):
-            raise TypeError(f"conditioning must subclass diffalign.training.ConditioningHook (its defaults are the "
-                            f"no-ops of the methods it does not need), got {type(conditioning).__name__}")
         self.conditioning = conditioning
         if conditioning is not None:
             conditioning.to(self.device)
