@@ -80,6 +80,9 @@ def test_sdxl_recipe_runs_resumes_and_loads(tmp_path):
     assert res["step"] == 2 and 0.0 <= res["overall"] <= 1.0 and res["n_images"] == 6
     first = [r["loss"] for r in _log(cfg) if r["stage"] == "sdxl"]
     assert len(first) == 2 and all(x == x and x > 0 for x in first)
+    # A run killed after logging step 3 but before saving it: the resume logs step 3 once, not twice.
+    with open(os.path.join(cfg.state_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"stage": "sdxl", "step": 3, "loss": 9.0}) + "\n")
     # Resume to 4 steps: the same run continues (no VAE retraining, steps 3 and 4 only).
     cfg, res = _run(tmp_path, "sdxl", steps=4)
     log = _log(cfg)

@@ -504,6 +504,21 @@ def _log(cfg: PretrainConfig, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+def _trim_log(cfg: PretrainConfig, stages: tuple[str, ...], step: int) -> None:
+    """On resume, drop the records a stopped run logged after its last save: the resumed run logs those steps again."""
+    path = os.path.join(cfg.state_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = [(line, json.loads(line)) for line in lines]
+    keep = [line for line, r in records if not (r["stage"] in stages and r["step"] > step)]
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
 def train_vae(cfg: PretrainConfig, vae, device, state: dict) -> None:
     from tqdm.auto import tqdm
 
@@ -514,6 +529,7 @@ def train_vae(cfg: PretrainConfig, vae, device, state: dict) -> None:
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["vae_opt"])
         step = state["step"]
+        _trim_log(cfg, ("vae",), step)
     stream = SceneStream(cfg.seed + 10_000, cfg.p_full_caption)
     batches = _batches(stream, step, cfg.vae_batch_size, cfg.num_workers)
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="vae", disable=not cfg.progress)
@@ -706,6 +722,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         sched.load_state_dict(state["sched"])
         step = state["step"]
         last_eval = state.get("last_eval", {})
+        _trim_log(cfg, (cfg.family, "eval"), step)
 
     def save_state():
         vae_cfg = {"scaling_factor": vae.config.scaling_factor}
