@@ -39,7 +39,7 @@ def run_key(cfg: Q.QuickstartConfig) -> dict:
     """The settings a stored result depends on (a rerun with other settings starts afresh)."""
     keep = ("num_prompts", "guidances", "generators", "rewards", "synth_steps", "pairwise_mode", "tuning", "lora_rank",
             "train_steps", "groups_per_step", "learning_rate", "beta", "eval_per_task", "num_inference_steps", "guidance_scale",
-            "synth_scheduler", "eval_scheduler")
+            "synth_scheduler", "eval_scheduler", "rounds", "round_reference")
     return json.loads(json.dumps({k: getattr(cfg, k) for k in keep}))
 
 
@@ -86,15 +86,18 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
         for method in todo:
             objective = control_objective if method == "control" else method
             t = time.perf_counter()
-            train_dir = os.path.join(work, f"train-{method}-seed{seed}")
-            trainer, summary = Q.train_stage(scfg, base_dir, synth, train_dir, objective, control=method == "control")
-            train_s = time.perf_counter() - t
-            ev = Q.evaluate(Q.trained_pipeline(trainer, cfg.eval_scheduler), rows, scfg, f"{family} seed{seed} {method}")
-            del trainer
+            evaluate = lambda trainer, r: Q.evaluate(Q.trained_pipeline(trainer, cfg.eval_scheduler), rows, scfg,  # noqa: E731
+                                                     f"{family} seed{seed} {method} round {r}")
+            records = Q.train_rounds(scfg, base_dir, synth, work, method, objective, control=method == "control",
+                                     evaluate_round=evaluate)
+            ev, summary = records[-1]["eval"], records[-1]["summary"]
+            eval_s = sum(rec["eval"]["summary"]["seconds"] for rec in records)
             fam["runs"][f"{seed}/{method}"] = {
                 "summary": ev["summary"], "correct": ev["correct"], "objective": objective,
-                "train_seconds": train_s, "eval_seconds": ev["summary"]["seconds"],
+                "train_seconds": time.perf_counter() - t - eval_s, "eval_seconds": eval_s,
                 "final_loss": summary.get("final_loss"), "median_step_time_s": summary.get("median_step_time_s"),
+                "rounds": [{"summary": rec["eval"]["summary"], "correct": rec["eval"]["correct"], "data": rec["data"]}
+                           for rec in records],
             }
             _save(out_json, state)
 
@@ -122,6 +125,17 @@ def aggregate(state: dict, seeds: list[int], methods: list[str]) -> dict:
                 "task_delta_mean": {t: float(np.mean([r["summary"][t] for r in runs]) - fam["base"][t]) for t in scenes.TASKS},
                 "train_seconds_mean": float(np.mean([r["train_seconds"] for r in runs])),
             }
+            if len(runs[0].get("rounds", [])) > 1:  # iterative rounds: each round's gain over the one before, paired
+                entry["rounds"] = []
+                for i in range(len(runs[0]["rounds"])):
+                    before = [fam["base_correct"] if i == 0 else r["rounds"][i - 1]["correct"] for r in runs]
+                    steps = [Q.paired_deltas(rows, b, r["rounds"][i]["correct"]) for b, r in zip(before, runs)]
+                    entry["rounds"].append({
+                        "overall_mean": float(np.mean([r["rounds"][i]["summary"]["overall"] for r in runs])),
+                        "gain_over_previous_mean": float(np.mean([d["overall"] for d in steps])),
+                        "gain_over_previous_paired_se_mean": float(np.mean([d["overall_se"] for d in steps])),
+                        "gain_over_previous_per_seed": [d["overall"] for d in steps],
+                    })
             if m != "control":
                 paired = [Q.paired_deltas(rows, fam["runs"][f"{s}/control"]["correct"], fam["runs"][f"{s}/{m}"]["correct"])
                           for s in done if f"{s}/control" in fam["runs"]]
@@ -152,6 +166,10 @@ def format_report(agg: dict) -> str:
                 vs = f"{e['gain_over_control_mean']:+.3f}{gs} (SE {e['gain_over_control_paired_se_mean']:.3f})"
             lines.append(f"{m:<9}{len(e['seeds']):>6}{e['overall_mean']:>11.3f}{std:>9}{e['gain_mean']:>+8.3f}{vs:>32}  "
                          + " ".join(f"{e['task_delta_mean'][t]:>+8.3f}" for t in scenes.TASKS))
+            for i, rd in enumerate(e.get("rounds", [])):
+                lines.append(f"  round {i + 1}: overall {rd['overall_mean']:.3f}, over round {i}: {rd['gain_over_previous_mean']:+.3f} "
+                             f"(paired SE {rd['gain_over_previous_paired_se_mean']:.3f}; per seed "
+                             + " / ".join(f"{g:+.3f}" for g in rd["gain_over_previous_per_seed"]) + ")")
     return "\n".join(lines)
 
 
@@ -172,6 +190,8 @@ def main(argv=None) -> int:
         p.add_argument(f"--{name}", type=float, default=getattr(d, name))
     p.add_argument("--guidances", type=float, nargs="+", default=list(d.guidances))
     p.add_argument("--tuning", choices=["lora", "full"], default=d.tuning)
+    p.add_argument("--rounds", type=int, default=d.rounds, help="iterative rounds (each later round: new lists from the last policy)")
+    p.add_argument("--round_reference", choices=Q.ROUND_REFERENCES, default=d.round_reference)
     p.add_argument("--reward", action="append", dest="rewards", default=None, metavar="SPEC",
                    help="reward specs for synth, as in the quickstart (default: toy_geneval_graded alone)")
     p.add_argument("--synth_scheduler", default=d.synth_scheduler, help="diffusers scheduler class for synth (default: the checkpoint's)")
@@ -187,7 +207,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     cfg = Q.QuickstartConfig(
         output_dir=args.output_dir, num_prompts=args.num_prompts, guidances=tuple(args.guidances), synth_steps=args.synth_steps,
-        tuning=args.tuning, rewards=args.rewards, lora_rank=args.lora_rank, train_steps=args.train_steps, groups_per_step=args.groups_per_step,
+        tuning=args.tuning, rounds=args.rounds, round_reference=args.round_reference, rewards=args.rewards, lora_rank=args.lora_rank, train_steps=args.train_steps, groups_per_step=args.groups_per_step,
         learning_rate=args.learning_rate, beta=args.beta, eval_per_task=args.eval_per_task,
         num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale, progress=not args.no_progress,
         synth_scheduler=None if str(args.synth_scheduler).lower() == "none" else args.synth_scheduler,

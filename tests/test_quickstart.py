@@ -209,3 +209,42 @@ def test_method_ppd_runs_the_toy_ppd_study(monkeypatch, tmp_path, capsys):
         Q.run_quickstart(Q.QuickstartConfig(method="ppd", family="sd3"))
     with pytest.raises(ValueError, match="another user's"):
         Q.run_quickstart(Q.QuickstartConfig(method="ppd", with_control=True))
+
+
+@pytest.mark.parametrize("reference", ["base", "previous"])
+def test_rounds_generate_from_the_last_policy(toy_run, tmp_path, reference):
+    """--rounds 2: round 2 draws new prompts, generates its lists with the exported round-1 policy and trains
+    either on by continuing the LoRA against the base, or a fresh LoRA against the fused round-1 policy."""
+    cfg = Q.QuickstartConfig(base=toy_run.output_dir, output_dir=str(tmp_path / "qs"), with_control=True, num_prompts=4,
+                             guidances=(2.0, 5.0), synth_steps=2, train_steps=2, groups_per_step=2, eval_per_task=1,
+                             num_inference_steps=2, rounds=2, round_reference=reference, learning_rate=5e-2, progress=False)
+    res = Q.run_quickstart(cfg)
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    for name, tag in (("aligned", "rankdpo"), ("control", "rankdpo-control")):
+        r1, r2 = (res["rounds"][i][name] for i in range(2))
+        assert r2["summary"] == res[name]  # the final model is round 2's
+        for key in ("overall", "single_object"):
+            assert r2["delta_vs_previous_round"][key] == pytest.approx(r2["summary"][key] - r1["summary"][key])
+        first = json.load(open(tmp_path / "qs" / f"train-{tag}-seed0" / "training_summary.json"))["config"]
+        second = json.load(open(tmp_path / "qs" / f"train-{tag}-seed0-round2" / "training_summary.json"))["config"]
+        policy = str(tmp_path / "qs" / f"train-{tag}-seed0" / "policy")
+        assert first["dataset"] != second["dataset"]  # new lists ...
+        data_dir = os.path.dirname(second["dataset"])
+        synth_cfg = json.load(open(os.path.join(data_dir, "synpic", "synth_config.json")))
+        assert all(g["source"] == policy for g in synth_cfg["generators"])  # ... from the round-1 policy
+        prompts = [json.loads(line)["prompt"] for line in open(os.path.join(data_dir, "prompts.jsonl"))]
+        assert prompts != [r["prompt"] for r in Q.training_prompts(4, 0)]
+        if reference == "base":
+            assert second["pretrained_model_name_or_path"] == toy_run.output_dir
+            assert second["init_lora"] == str(tmp_path / "qs" / f"train-{tag}-seed0")
+        else:
+            assert second["pretrained_model_name_or_path"] == policy and second["init_lora"] is None
+    # The exported policy is round 1's model: base + its LoRA, fused.
+    pipe = P.load_toy_pipeline("sdxl", toy_run.output_dir)
+    pipe.load_lora_weights(str(tmp_path / "qs" / "train-rankdpo-seed0"))
+    pipe.fuse_lora()
+    exported = P.load_toy_pipeline("sdxl", str(tmp_path / "qs" / "train-rankdpo-seed0" / "policy")).unet.state_dict()
+    fused = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    assert exported.keys() == fused.keys() and all(torch.allclose(exported[k], fused[k], atol=1e-6) for k in exported)
+    assert res["rounds"][1]["method_vs_control"]["overall"] == pytest.approx(
+        res["rounds"][1]["aligned"]["summary"]["overall"] - res["rounds"][1]["control"]["summary"]["overall"])

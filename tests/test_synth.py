@@ -388,3 +388,27 @@ def test_generator_scheduler_key_swaps_the_sampler():
     assert pipe.scheduler.config.beta_schedule == load_pipeline(GeneratorSpec.parse("tiny:sdxl:1"), "cpu").scheduler.config.beta_schedule
     with pytest.raises(ValueError, match="'UNet2DModel' is not a diffusers scheduler"):
         load_pipeline(GeneratorSpec.parse("tiny:sdxl:1,scheduler=UNet2DModel"), "cpu")
+
+
+def test_generator_lora_key_generates_from_a_trained_policy(tmp_path):
+    """`lora=` fuses a trained LoRA into the generator (an iterative round samples from the last round's policy):
+    the same images as diffusers' unfused load_lora_weights, and not the base's."""
+    from diffalign.synth import generate_images, load_pipeline
+    from diffalign.testing import tiny_sdxl_pipeline
+    from diffalign.training import PreferenceTrainer, TrainConfig
+
+    out = str(tmp_path / "policy")
+    PreferenceTrainer(TrainConfig(pretrained_model_name_or_path="tiny:sdxl:1", model_seed=1, dataset="synthetic:pairs:8",
+                                  resolution=32, lora_rank=4, train_batch_size=2, learning_rate=5e-2, max_train_steps=2,
+                                  checkpointing_steps=0, report_to="none", progress_bar=False, output_dir=out)).train()
+    spec = GeneratorSpec.parse(f"tiny:sdxl:1,steps=2,size=32,lora={out}")
+    fused = generate_images(load_pipeline(spec, "cpu"), spec, ["a cat"], [3])[0]
+    plain = GeneratorSpec.parse("tiny:sdxl:1,steps=2,size=32")
+    base = generate_images(load_pipeline(plain, "cpu"), plain, ["a cat"], [3])[0]
+    unfused_pipe = tiny_sdxl_pipeline(1)
+    unfused_pipe.load_lora_weights(out)
+    unfused = generate_images(unfused_pipe, plain, ["a cat"], [3])[0]
+    np.testing.assert_allclose(np.asarray(fused, dtype=float), np.asarray(unfused, dtype=float), atol=2)
+    assert np.abs(np.asarray(fused, dtype=float) - np.asarray(base, dtype=float)).max() > 8
+    with pytest.raises(FileNotFoundError, match="lora"):
+        load_pipeline(GeneratorSpec.parse(f"tiny:sdxl:1,lora={tmp_path / 'none'}"), "cpu")

@@ -603,3 +603,56 @@ def test_a_conditioning_hook_subclasses_the_interface(tmp_path):
 
     with pytest.raises(TypeError, match="must subclass diffalign.training.ConditioningHook"):
         PreferenceTrainer(tiny(tmp_path), conditioning=DuckTypedHook())
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_init_lora_continues_or_merges_an_earlier_lora(tmp_path, family):
+    """Iterative rounds: continue = policy starts at base + LoRA, reference the base; merge = the LoRA is fused into
+    the base (the reference), and a fresh adapter starts at zero on top."""
+    from diffalign.testing import tiny_sd3_pipeline, tiny_sdxl_pipeline
+    from diffalign.training.trainer import adapters_disabled
+
+    kw = dict(lora_rank=4, lora_alpha=8, learning_rate=1e-2)
+    if family == "sd3":
+        kw.update(pretrained_model_name_or_path="tiny:sd3", resolution=32)
+    first = tiny(tmp_path, "first", max_train_steps=2, **kw)
+    PreferenceTrainer(first).train()
+    pipe = (tiny_sd3_pipeline if family == "sd3" else tiny_sdxl_pipeline)(first.model_seed)
+    denoiser_of = lambda p: getattr(p, "transformer" if family == "sd3" else "unet")  # noqa: E731
+    pipe.load_lora_weights(first.output_dir)
+
+    def outputs(trainer, model):
+        adapter = trainer.adapter
+        size = first.resolution // adapter.vae_scale_factor
+        x = torch.randn(1, 4 if family == "sdxl" else model.config.in_channels, size, size, generator=torch.Generator().manual_seed(1))
+        text = adapter.encode_prompts(["a red square"])
+        micro = adapter.micro_conditioning(torch.tensor([[64, 64]]), torch.tensor([[0, 0]]), (first.resolution,) * 2)
+        with torch.no_grad():
+            return adapter.predict(model, x, torch.tensor([500]), text, micro)
+
+    cont = PreferenceTrainer(tiny(tmp_path, "continue", init_lora=first.output_dir, **kw))
+    merged = PreferenceTrainer(tiny(tmp_path, "merge", init_lora=first.output_dir, init_lora_merge=True, **kw))
+    fresh = PreferenceTrainer(tiny(tmp_path, "fresh", **kw))
+    with_lora = outputs(cont, denoiser_of(pipe))
+    with adapters_disabled(denoiser_of(pipe)):
+        base = outputs(cont, denoiser_of(pipe))
+    assert not torch.allclose(with_lora, base, atol=1e-4)
+    torch.testing.assert_close(outputs(cont, cont.unwrapped), with_lora, atol=1e-5, rtol=1e-4)
+    with adapters_disabled(cont.unwrapped):
+        torch.testing.assert_close(outputs(cont, cont.unwrapped), base, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outputs(merged, merged.unwrapped), with_lora, atol=1e-5, rtol=1e-4)
+    with adapters_disabled(merged.unwrapped):
+        torch.testing.assert_close(outputs(merged, merged.unwrapped), with_lora, atol=1e-5, rtol=1e-4)
+    with adapters_disabled(fresh.unwrapped):
+        torch.testing.assert_close(outputs(fresh, fresh.unwrapped), base, atol=1e-5, rtol=1e-4)
+    # Only the new adapter trains, and it saves alone (no trace of the init adapter).
+    assert list(merged.unwrapped.peft_config) == ["default"] and list(cont.unwrapped.peft_config) == ["default"]
+    cont.train()
+    assert os.path.isfile(os.path.join(cont.config.output_dir, "pytorch_lora_weights.safetensors"))
+
+    with pytest.raises(ValueError, match="rank 4 and alpha 8"):
+        PreferenceTrainer(tiny(tmp_path, "wrong_rank", init_lora=first.output_dir, **{**kw, "lora_rank": 8}))
+    with pytest.raises(FileNotFoundError, match="init_lora"):
+        PreferenceTrainer(tiny(tmp_path, "missing", init_lora=str(tmp_path / "nothing"), **kw))
+    with pytest.raises(ValueError, match="needs init_lora"):
+        tiny(tmp_path, "x", init_lora_merge=True)

@@ -75,6 +75,12 @@ class FamilyAdapter:
     def save_lora(self, output_dir: str, lora_state_dict: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def load_lora(self, model: torch.nn.Module, path: str, adapter_name: str, **kwargs) -> None:
+        """A diffusers-format LoRA (`save_lora`'s file, or a Hub LoRA) into `model` as adapter `adapter_name`, with the
+        rank and alpha of its metadata."""
+        kwargs.setdefault("weight_name", "pytorch_lora_weights.safetensors")  # what the pipelines look for first
+        model.load_lora_adapter(path, prefix=self.denoiser_attr, adapter_name=adapter_name, use_safetensors=True, **kwargs)
+
     def pipeline(self, denoiser=None):
         """A diffusers pipeline built from this adapter's components (for validation images)."""
         raise NotImplementedError

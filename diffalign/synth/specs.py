@@ -60,6 +60,7 @@ class GeneratorSpec:
     dtype: str | None = None  # float16 / bfloat16 / float32; default float32 on CPU, float16 on GPU
     variant: str | None = None
     scheduler: str | None = None  # a diffusers scheduler class name, built from the pipeline's own config
+    lora: str | None = None  # a LoRA folder or file (e.g. a trained policy: an iterative round's generator), fused in
     extra: dict = field(default_factory=dict)  # passed to the pipeline call (e.g. negative_prompt)
 
     def __post_init__(self):
@@ -154,6 +155,14 @@ def load_pipeline(spec: GeneratorSpec, device):
     device = torch.device(device)
     default = "float16" if device.type == "cuda" and not spec.source.startswith("tiny:") else "float32"
     pipe = load_any_pipeline(spec.source, torch_dtype=resolve_dtype(spec.dtype or default), variant=spec.variant or None)
+    if spec.lora:
+        import os
+
+        if not os.path.exists(spec.lora):
+            raise FileNotFoundError(f"generator {spec.id!r}: lora {spec.lora!r} does not exist")
+        folder, name = (os.path.dirname(spec.lora) or ".", os.path.basename(spec.lora)) if os.path.isfile(spec.lora) else (spec.lora, None)
+        pipe.load_lora_weights(folder, **({"weight_name": name} if name else {}))
+        pipe.fuse_lora()  # sampling runs the fused weights: no per-layer adapter cost
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return swap_scheduler(pipe, spec.scheduler)

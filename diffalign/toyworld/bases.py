@@ -66,7 +66,8 @@ def resolve_base(family: str, base: str | None, work_dir: str) -> str:
 
 
 def checkpoint_digest(path: str) -> str:
-    """A short digest of a pipeline folder's weights (names, sizes and the first MB of each file)."""
+    """A short digest of a pipeline folder's weights and configs (every byte: fine-tuned policies of one base
+    differ only in some tensors, which a partial read can miss)."""
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(path)):
         for name in sorted(files):
@@ -75,6 +76,6 @@ def checkpoint_digest(path: str) -> str:
             p = os.path.join(root, name)
             h.update(os.path.relpath(p, path).encode())
             with open(p, "rb") as f:
-                h.update(f.read(1 << 20))
-            h.update(str(os.path.getsize(p)).encode())
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
     return h.hexdigest()[:16]

@@ -29,6 +29,7 @@ if __name__ == "__main__":  # run as a script: idle OpenMP threads must not spin
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -42,6 +43,7 @@ from diffalign.toyworld.scenes import IMAGE_SIZE  # noqa: E402
 
 METHODS = ("rankdpo", "dpo", "sft", "ppd")
 FAMILIES = ("sdxl", "sd3")
+ROUND_REFERENCES = ("base", "previous")
 # Noise seeds of the evaluation images; synth seeds live far below, so no training image shares noise with them.
 EVAL_SEED = 10_000_000
 
@@ -71,6 +73,11 @@ class QuickstartConfig:
     groups_per_step: int = 4  # lists per step; DPO gets the same number of images (groups * k / 2 pairs)
     learning_rate: float = 1e-3  # measured: 2e-4 gave no gain over the random-label control (docs/quickstart.md)
     beta: float = 2000.0
+    # Iterative rounds: round r draws fresh prompts, generates lists from the policy after round r-1, ranks and trains on
+    # them. round_reference "base": one LoRA continues across rounds against the original base; "previous": each round
+    # trains a fresh LoRA on the previous policy (fused) and uses it as the reference.
+    rounds: int = 1
+    round_reference: str = "base"
     sft_weight: float = 0.0  # TrainConfig.sft_weight: + weight x the best image's denoising error (preference methods)
     # 3. evaluation
     eval_per_task: int = 60
@@ -90,12 +97,16 @@ class QuickstartConfig:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.round_reference not in ROUND_REFERENCES:
+            raise ValueError(f"round_reference must be one of {ROUND_REFERENCES}, got {self.round_reference!r}")
+        if self.rounds > 1 and self.tuning != "lora":
+            raise ValueError("rounds > 1 continues or fuses LoRA adapters: it needs tuning='lora'")
         if self.tuning not in ("lora", "full"):
             raise ValueError(f"tuning must be 'lora' or 'full', got {self.tuning!r}")
         self.guidances = tuple(float(g) for g in self.guidances)
         if len(self.guidances) + len(self.generators) < 2:
             raise ValueError("a ranked list needs k >= 2 images per prompt: give at least two guidances/generators")
-        for name in ("num_prompts", "train_steps", "groups_per_step", "eval_per_task", "synth_steps", "num_inference_steps", "lora_rank"):
+        for name in ("rounds", "num_prompts", "train_steps", "groups_per_step", "eval_per_task", "synth_steps", "num_inference_steps", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_per_task > 100:
@@ -119,11 +130,11 @@ def load_base_pipeline(family: str, path: str, scheduler: str | None = None):
 # ------------------------------------------------------------------------------------------------
 
 
-def training_prompts(n: int, seed: int) -> list[dict]:
-    """`n` metadata rows from the toy grammar, uniform over tasks (seeded; repeats are kept)."""
+def training_prompts(n: int, seed: int, round_index: int = 1) -> list[dict]:
+    """`n` metadata rows from the toy grammar, uniform over tasks (seeded; repeats are kept); new ones each round."""
     from diffalign.toyworld import scenes
 
-    rng = np.random.default_rng([seed, 7_919])
+    rng = np.random.default_rng([seed, 7_919] + ([round_index] if round_index > 1 else []))
     return [scenes.sample_row(rng) for _ in range(n)]
 
 
@@ -145,35 +156,38 @@ def default_rewards() -> list[str]:
     return [toy_rewards.TOY_GENEVAL]
 
 
-def generator_specs(cfg: QuickstartConfig, base_dir: str) -> list[str]:
-    """One spec per guidance scale; each generator gets its own block of noise seeds."""
+def generator_specs(cfg: QuickstartConfig, base_dir: str, round_index: int = 1) -> list[str]:
+    """One spec per guidance scale; each generator (and each round) gets its own block of noise seeds."""
     specs = []
+    offset = (round_index - 1) * 1_000_000_000
     for i, g in enumerate(cfg.guidances):
-        seed = (cfg.seed * 16 + i) * 100_000
+        seed = offset + (cfg.seed * 16 + i) * 100_000
         spec = f"{base_dir},id=g{g:g},steps={cfg.synth_steps},guidance={g},size={IMAGE_SIZE},seed={seed},batch_size=32"
         specs.append(spec + (f",scheduler={cfg.synth_scheduler}" if cfg.synth_scheduler else ""))
     for j, spec in enumerate(cfg.generators):
         if ",seed=" not in spec:
-            spec += f",seed={(cfg.seed * 16 + len(cfg.guidances) + j) * 100_000}"
+            spec += f",seed={offset + (cfg.seed * 16 + len(cfg.guidances) + j) * 100_000}"
         if ",size=" not in spec and ",height=" not in spec:
             spec += f",size={IMAGE_SIZE}"
         specs.append(spec)
     return specs
 
 
-def run_toy_synpic(cfg: QuickstartConfig, base_dir: str, root: str) -> dict:
-    """Generate, score and rank; returns paths and stats. The data go to `root/data-seed<S>-<digest of the
-    settings>`, so a rerun with the same settings resumes (or reuses) them and other settings get a new folder."""
+def run_toy_synpic(cfg: QuickstartConfig, base_dir: str, root: str, round_index: int = 1) -> dict:
+    """Generate with `base_dir` (round r > 1: the policy after round r-1), score and rank; returns paths and stats.
+    The data go to `root/data-seed<S>-<digest of the settings>`, so a rerun with the same settings resumes (or
+    reuses) them and other settings get a new folder."""
     from diffalign.synth import SynthConfig, run_synth
 
     defaults = default_rewards()  # also registers the toy rewards that --reward may name
     rewards = list(cfg.rewards) if cfg.rewards else defaults
-    specs = generator_specs(cfg, base_dir)
-    key = json.dumps([checkpoint_digest(base_dir), [sp.replace(base_dir, "BASE") for sp in specs], rewards, cfg.num_prompts,
-                      cfg.seed, cfg.pairwise_mode])
+    specs = generator_specs(cfg, base_dir, round_index)
+    key = [checkpoint_digest(base_dir), [sp.replace(base_dir, "BASE") for sp in specs], rewards, cfg.num_prompts, cfg.seed,
+           cfg.pairwise_mode] + ([round_index] if round_index > 1 else [])
+    key = json.dumps(key)
     out_dir = os.path.join(root, f"data-seed{cfg.seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     os.makedirs(out_dir, exist_ok=True)
-    rows = training_prompts(cfg.num_prompts, cfg.seed)
+    rows = training_prompts(cfg.num_prompts, cfg.seed, round_index)
     prompts_path = os.path.join(out_dir, "prompts.jsonl")
     with open(prompts_path, "w", encoding="utf-8") as f:
         for i, row in enumerate(rows):
@@ -237,7 +251,8 @@ class RandomLabels:
         return item
 
 
-def train_config(cfg: QuickstartConfig, base_dir: str, data_dir: str, out_dir: str, k: int, objective: str):
+def train_config(cfg: QuickstartConfig, base_dir: str, data_dir: str, out_dir: str, k: int, objective: str,
+                 init_lora: str | None = None):
     from diffalign.training import TrainConfig
 
     groups = cfg.groups_per_step * k // 2 if objective == "dpo" else cfg.groups_per_step
@@ -247,19 +262,20 @@ def train_config(cfg: QuickstartConfig, base_dir: str, data_dir: str, out_dir: s
         max_train_steps=cfg.train_steps, learning_rate=cfg.learning_rate, beta=cfg.beta, lr_scheduler="constant",
         sft_weight=cfg.sft_weight if objective != "sft" else 0.0,
         adam_weight_decay=0.0, output_dir=out_dir, overwrite_output_dir=True, checkpointing_steps=0, report_to="none",
-        seed=cfg.seed, progress_bar=cfg.progress,
+        seed=cfg.seed, progress_bar=cfg.progress, init_lora=init_lora,
         # The toy SD3 pipeline runs without T5 and pads with its default 256 zero tokens: train the same way.
         max_sequence_length=256 if cfg.family == "sd3" else 77,
     )
 
 
-def train_stage(cfg: QuickstartConfig, base_dir: str, synth: dict, out_dir: str, objective: str, control: bool = False):
+def train_stage(cfg: QuickstartConfig, base_dir: str, synth: dict, out_dir: str, objective: str, control: bool = False,
+                init_lora: str | None = None):
     """Train one model; returns (trainer, summary). The trainer holds the trained denoiser in memory."""
     from diffalign.data import load_preference_dataset
     from diffalign.training import PreferenceTrainer
 
     data_dir = synth["pairs"] if objective == "dpo" else synth["synpic"]
-    tcfg = train_config(cfg, base_dir, data_dir, out_dir, synth["k"], objective)
+    tcfg = train_config(cfg, base_dir, data_dir, out_dir, synth["k"], objective, init_lora)
     # All-tied lists stay in (zero loss, but they share each step's mean): dropping them, the library default,
     # measured worse on seeds 0 and 1 (RankDPO - control -0.014 / -0.003 against +0.011 / +0.061). DPO's pairs
     # are exported without ties.
@@ -269,6 +285,46 @@ def train_stage(cfg: QuickstartConfig, base_dir: str, synth: dict, out_dir: str,
     trainer = PreferenceTrainer(tcfg, train_dataset=dataset)
     summary = trainer.train()
     return trainer, summary
+
+
+def export_policy(trainer, path: str) -> str:
+    """The trained policy as a plain pipeline folder (LoRA fused in): the next round's generator and, with
+    round_reference "previous", its base and reference."""
+    import copy
+
+    model = copy.deepcopy(trainer.unwrapped)
+    if getattr(model, "peft_config", None):
+        model.fuse_lora()
+        model.unload_lora()
+    trainer.adapter.pipeline(model).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def train_rounds(cfg: QuickstartConfig, base_dir: str, synth: dict, work: str, tag: str, objective: str,
+                 control: bool = False, evaluate_round=None, clock=None) -> list[dict]:
+    """`cfg.rounds` rounds of data -> training; round 1 trains on `synth`, later rounds on lists generated by the
+    policy after the previous round (the control's chain by its own policy). `evaluate_round(trainer, r)` is called
+    after each round; returns one record per round (summary, its evaluation, its data)."""
+    records = []
+    source, init_lora, train_dir = base_dir, None, None
+    for r in range(1, cfg.rounds + 1):
+        suffix = "" if r == 1 else f"-round{r}"
+        if r > 1:  # the lists of a policy live beside it, in the previous round's folder
+            with clock(f"synth_{tag}{suffix}") if clock else contextlib.nullcontext():
+                synth = run_toy_synpic(cfg, source, train_dir, round_index=r)
+        train_dir = os.path.join(work, f"train-{tag}-seed{cfg.seed}{suffix}")
+        train_base = source if cfg.round_reference == "previous" else base_dir
+        with clock(f"train_{tag}{suffix}") if clock else contextlib.nullcontext():
+            trainer, summary = train_stage(cfg, train_base, synth, train_dir, objective, control=control, init_lora=init_lora)
+        record = {"round": r, "train_dir": train_dir, "summary": summary, "data": synpic_summary(synth["synpic"])}
+        if evaluate_round is not None:
+            record["eval"] = evaluate_round(trainer, r)
+        if r < cfg.rounds:
+            source = export_policy(trainer, os.path.join(train_dir, "policy"))
+            init_lora = train_dir if cfg.round_reference == "base" else None
+        del trainer
+        records.append(record)
+    return records
 
 
 def trained_pipeline(trainer, scheduler: str | None = None):
@@ -540,16 +596,22 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     data_info["train_prompts_in_eval_set"] = float(np.mean([r["prompt"] in eval_prompts for r in synth["prompts"]]))
 
     runs = [(cfg.method, False)] + ([("control", True)] if cfg.with_control else [])
-    summaries, curves = {}, {}
+    summaries, curves, round_evals = {}, {}, {}
     for name, control in runs:
-        train_dir = os.path.join(out, f"train-{cfg.method}{'-control' if control else ''}-seed{cfg.seed}")
-        with clock(f"train_{name}"):
-            trainer, summary = train_stage(cfg, base_dir, synth, train_dir, cfg.method, control=control)
+        tag = f"{cfg.method}{'-control' if control else ''}"
+
+        def evaluate_round(trainer, r, name=name):
+            suffix = "" if r == 1 else f"_round{r}"
+            with clock(f"eval_{name}{suffix}"):
+                return evaluate(trained_pipeline(trainer, cfg.eval_scheduler), rows, cfg, f"eval {name}{suffix}", show)
+
+        records = train_rounds(cfg, base_dir, synth, out, tag, cfg.method, control, evaluate_round, clock)
+        summary = records[-1]["summary"]
         summaries[name] = {k: summary.get(k) for k in ("final_loss", "mean_loss_last_10", "median_step_time_s", "wall_time_s", "global_step")}
-        curves[name] = read_losses(train_dir)
-        with clock(f"eval_{name}"):
-            evals[name] = evaluate(trained_pipeline(trainer, cfg.eval_scheduler), rows, cfg, f"eval {name}", show)
-        del trainer
+        curves[name] = [{**row, "step": row["step"] + i * cfg.train_steps} for i, rec in enumerate(records)
+                        for row in read_losses(rec["train_dir"])]
+        evals[name] = records[-1]["eval"]
+        round_evals[name] = records
 
     models = list(evals)
     results: dict = {m: evals[m]["summary"] for m in models}
@@ -558,6 +620,19 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         results["delta"]["method_vs_control"] = paired_deltas(rows, evals["control"]["correct"], evals[cfg.method]["correct"])
     results["aligned"] = results.pop(cfg.method)
     results["delta"]["aligned"] = results["delta"].pop(cfg.method)
+    if cfg.rounds > 1:
+        results["rounds"] = [
+            {"round": i + 1}
+            | {("aligned" if m == cfg.method else m): {
+                "summary": recs[i]["eval"]["summary"],
+                "delta_vs_base": paired_deltas(rows, evals["base"]["correct"], recs[i]["eval"]["correct"]),
+                "delta_vs_previous_round": paired_deltas(rows, (evals["base"] if i == 0 else recs[i - 1]["eval"])["correct"],
+                                                         recs[i]["eval"]["correct"]),
+                "data": recs[i]["data"]} for m, recs in round_evals.items()}
+            | ({"method_vs_control": paired_deltas(rows, round_evals["control"][i]["eval"]["correct"],
+                                                    round_evals[cfg.method][i]["eval"]["correct"])} if cfg.with_control else {})
+            for i in range(cfg.rounds)
+        ]
     results.update(
         method=cfg.method,
         family=cfg.family,
@@ -611,6 +686,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups_per_step", type=int, default=d.groups_per_step)
     p.add_argument("--learning_rate", type=float, default=d.learning_rate)
     p.add_argument("--beta", type=float, default=d.beta)
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="iterative rounds: each later round generates and ranks new lists from the previous round's policy")
+    p.add_argument("--round_reference", choices=ROUND_REFERENCES, default=d.round_reference,
+                   help="rounds > 1: train against the original base (one LoRA continues) or the previous round's policy")
     p.add_argument("--sft_weight", type=float, default=d.sft_weight,
                    help="add this x the best image's denoising error to the preference loss (0 = plain objective)")
     p.add_argument("--eval_per_task", type=int, default=d.eval_per_task)
@@ -661,6 +740,11 @@ def run(args) -> int:
     if cfg.with_control:
         d = results["delta"]["method_vs_control"]
         print(f"preference-specific gain ({cfg.method} - control): {d['overall']:+.3f} ± {d['overall_se']:.3f}")
+    for rec in results.get("rounds", []):
+        line = ", ".join(f"{m} {rec[m]['summary']['overall']:.3f} ({rec[m]['delta_vs_base']['overall']:+.3f} vs base, "
+                         f"{rec[m]['delta_vs_previous_round']['overall']:+.3f} vs round {rec['round'] - 1})"
+                         for m in ("aligned", "control") if m in rec)
+        print(f"round {rec['round']}: {line}")
     print(f"total {results['seconds']:.0f} s; stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["stage_seconds"].items()))
     print(f"wrote {os.path.join(cfg.output_dir, 'results.json')}, grid.png, training_curves.png")
     _write_json(args.json, results)

@@ -79,6 +79,8 @@ class TrainConfig:
     lora_alpha: int | None = option(None, "None = lora_rank")
     lora_dropout: float = option(0.0, "LoRA dropout")
     lora_target_modules: list[str] | None = option(None, "None = the family's default")
+    init_lora: str | None = option(None, "Start from this diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, e.g. an earlier run's output_dir): the adapter continues from it, and the reference stays the base. For iterative rounds.")
+    init_lora_merge: bool = option(False, "Fuse init_lora into the base weights and train a fresh LoRA on top: the reference is then base + init_lora (the previous round's policy) instead of the base.")
 
     # --- PPD (objective: ppd; see docs/personalization.md) -------------------------------------
     # The data set must carry user_id (Pick-a-Pic v2). Users with < ppd_min_pairs pairs are dropped
@@ -193,6 +195,10 @@ class TrainConfig:
         if self.reference_errors_path and not self.precompute_reference:
             raise ValueError("reference_errors_path needs precompute_reference=true")
         choice("ppd_encoder", PPD_ENCODERS)
+        if self.init_lora and self.tuning != "lora":
+            raise ValueError(f"init_lora needs tuning='lora' (got {self.tuning!r})")
+        if self.init_lora_merge and not self.init_lora:
+            raise ValueError("init_lora_merge=true needs init_lora (the LoRA to fuse into the base)")
         if self.tuning == "none" and self.objective != "ppd":
             raise ValueError("tuning='none' trains only a conditioning hook's weights; it needs objective='ppd' (else use lora or full)")
         if self.objective == "ppd":

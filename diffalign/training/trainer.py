@@ -273,13 +273,14 @@ class PreferenceTrainer:
             from peft import LoraConfig
 
             _place(denoiser, self.device, self.weight_dtype)
+            from diffalign.training.lora import add_lora
+
             targets = cfg.lora_target_modules or adapter.lora_target_modules
-            denoiser.add_adapter(
-                LoraConfig(
-                    r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
-                    init_lora_weights="gaussian", target_modules=list(targets),
-                )
+            lora_config = LoraConfig(
+                r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+                init_lora_weights="gaussian", target_modules=list(targets),
             )
+            add_lora(adapter, denoiser, lora_config, cfg.init_lora, cfg.init_lora_merge)
             for p in denoiser.parameters():  # LoRA weights train in fp32 even when the base is bf16/fp16
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -522,7 +523,7 @@ class PreferenceTrainer:
                 "prediction_type", "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting",
                 "max_sequence_length", "dataset", "dataset_schema", "dataset_split", "latent_cache", "resolution", "crop",
                 "random_flip", "keep_ties", "max_k", "skip_bad_rows", "max_train_samples", "prompt_dropout", "seed",
-                "mixed_precision", "tuning", "attention_backend"]
+                "mixed_precision", "tuning", "attention_backend", "init_lora", "init_lora_merge"]
         ref = self.reference if self.reference is not None else self.unwrapped
         checksum = []
         for name, param in list(ref.named_parameters())[:4]:  # base weights (LoRA adds its own after these)
