@@ -64,3 +64,38 @@ def test_bad_rows_raise():
         S.sample_scene({"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"}, 0)
     with pytest.raises(ValueError, match="include"):
         S.sample_scene({"tag": "single_object", "prompt": "x"}, 0)
+
+
+def test_flawed_captions_are_incomplete_or_miscounted_never_contradictory():
+    """Alt-text-like captions: no colours, a strict subset of objects, a wrong count (n +- 1), or no relation; each
+    flaw appears, and apart from the count nothing named is absent from the scene."""
+    import collections
+
+    rng = np.random.default_rng(3)
+    seen = collections.Counter()
+    for _ in range(400):
+        row = S.sample_row(rng)
+        scene = S.sample_scene(row, rng)
+        caption, flaw = S.flawed_caption(scene, rng)
+        seen[flaw] += 1
+        words = caption.split()
+        colors = {o.color for o in scene.objects}
+        shapes = {o.shape for o in scene.objects}
+        named_shapes = {s for s in S.SHAPES if s in words or S.plural(s) in words}
+        assert named_shapes <= shapes, (caption, scene.objects)
+        assert {c for c in S.COLORS if c in words} <= colors
+        if flaw == "no_colors":
+            assert not any(c in words for c in S.COLORS)
+        elif flaw == "partial":
+            assert len(scene.objects) > 1 and caption != S.describe(scene.objects)
+        elif flaw == "wrong_count":
+            said = [n for n, w in S.NUMBERS.items() if w in words]
+            assert said and abs(said[0] - len(scene.objects)) == 1
+        else:
+            assert row["tag"] == "position" and not any(r.split()[0] in words for r in S.RELATIONS)
+    assert set(seen) == set(S.CAPTION_FLAWS)
+    # p_flawed = 0 (the default) draws nothing extra: the clean caption stream is unchanged.
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    scene = S.sample_scene(S.sample_row(np.random.default_rng(1)), np.random.default_rng(2))
+    assert S.training_caption(scene, a) == S.training_caption(scene, b, p_flawed=0.0)
+    assert a.random() == b.random()

@@ -328,6 +328,9 @@ class PretrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     p_full_caption: float = 0.5
+    # Web-alt-text-like flaws (omitted colours or objects, wrong counts, no relation; scenes.flawed_caption) on this
+    # share of the denoiser's training captions: the base is then weak where its data are, not where its capacity is.
+    p_flawed_caption: float = 0.0
     # evaluation
     eval_every: int = 2000
     eval_per_task: int = 20
@@ -357,6 +360,8 @@ class PretrainConfig:
             raise ValueError(f"decay_start needs decay_steps >= 1 and a step >= 0, got {self.decay_start}, {self.decay_steps}")
         if not 0.0 <= self.final_lr_ratio <= 1.0:
             raise ValueError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if not 0.0 <= self.p_flawed_caption <= 1.0:
+            raise ValueError(f"p_flawed_caption must be in [0, 1], got {self.p_flawed_caption}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -369,15 +374,15 @@ class PretrainConfig:
 class SceneStream(torch.utils.data.Dataset):
     """Example `i` is a pure function of (seed, i): workers and resumption do not change the data."""
 
-    def __init__(self, seed: int, p_full_caption: float, length: int = 2**62):
-        self.seed, self.p_full, self.length = seed, p_full_caption, length
+    def __init__(self, seed: int, p_full_caption: float, length: int = 2**62, p_flawed_caption: float = 0.0):
+        self.seed, self.p_full, self.length, self.p_flawed = seed, p_full_caption, length, p_flawed_caption
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, int(i)])
-        image, caption, _ = scenes.sample_training_example(rng, IMAGE_SIZE, self.p_full)
+        image, caption, _ = scenes.sample_training_example(rng, IMAGE_SIZE, self.p_full, self.p_flawed)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         return x, caption
 
@@ -759,7 +764,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     tok = TokenCache(components["tokenizer"])
     empty_ids = tok([""])
-    stream = SceneStream(cfg.seed, cfg.p_full_caption)
+    stream = SceneStream(cfg.seed, cfg.p_full_caption, p_flawed_caption=cfg.p_flawed_caption)
     batches = _batches(stream, step, cfg.batch_size, cfg.num_workers) if step < cfg.steps else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"toy-{cfg.family}", disable=not cfg.progress)
     t0 = time.time()

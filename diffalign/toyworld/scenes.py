@@ -382,12 +382,54 @@ def sample_scene(row: dict, rng, size: int = IMAGE_SIZE) -> Scene:
     return scene
 
 
-def training_caption(scene: Scene, rng, p_full: float = 0.5) -> str:
-    """The row's GenEval prompt, or (with probability `p_full`) a full description with every colour.
+CAPTION_FLAWS = ("no_colors", "partial", "wrong_count", "no_relation")
+
+
+def flawed_caption(scene: Scene, rng) -> tuple[str, str]:
+    """An alt-text-like caption that is true but incomplete, or miscounted: (caption, flaw), the flaw drawn
+    uniformly from those the scene allows.
+
+    - no_colors: every object named without its colour ("a photo of a circle and a square");
+    - partial: a multi-object scene described by a strict subset of its objects ("a photo of a red circle");
+    - wrong_count: a scene of n alike objects called n - 1 or n + 1 (within 2-4) of them;
+    - no_relation: a position scene described without its relation ("a photo of a star and a ring").
+    """
+    rng = _rng(rng)
+    objects = list(scene.objects)
+    alike = len(objects) > 1 and len({o.shape for o in objects}) == 1
+    flaws = ["no_colors"]
+    if len(objects) > 1:
+        flaws.append("partial")
+    if alike:
+        flaws.append("wrong_count")
+    if scene.row.get("tag") == "position":
+        flaws.append("no_relation")
+    flaw = flaws[int(rng.integers(len(flaws)))]
+    if flaw == "no_colors":
+        if alike:
+            return f"a photo of {NUMBERS[len(objects)]} {plural(objects[0].shape)}", flaw
+        return describe([SceneObject(o.shape, "", o.cx, o.cy, o.r) for o in objects]), flaw
+    if flaw == "partial":
+        keep = sorted(rng.choice(len(objects), size=int(rng.integers(1, len(objects))), replace=False))
+        return describe([objects[i] for i in keep]), flaw
+    if flaw == "wrong_count":
+        n = len(objects)
+        wrong = [m for m in (n - 1, n + 1) if m in NUMBERS]
+        m = wrong[int(rng.integers(len(wrong)))]
+        color = objects[0].color if len({o.color for o in objects}) == 1 and rng.random() < 0.5 else None
+        return f"a photo of {NUMBERS[m]} {color + ' ' if color else ''}{plural(objects[0].shape)}", flaw
+    return describe(objects), flaw  # no_relation: the objects and their colours, not where they are
+
+
+def training_caption(scene: Scene, rng, p_full: float = 0.5, p_flawed: float = 0.0) -> str:
+    """The row's GenEval prompt, or (with probability `p_full`) a full description with every colour; with
+    probability `p_flawed` (drawn first, and only when > 0) a flawed caption instead (`flawed_caption`).
 
     Position scenes keep their relation in the full caption ("a photo of a red star left of a blue ring").
     """
     rng = _rng(rng)
+    if p_flawed > 0 and rng.random() < p_flawed:
+        return flawed_caption(scene, rng)[0]
     if rng.random() >= p_full:
         return scene.row.get("prompt", scene.caption) if scene.row else scene.caption
     if scene.row.get("tag") == "position":
@@ -397,12 +439,12 @@ def training_caption(scene: Scene, rng, p_full: float = 0.5) -> str:
     return describe(scene.objects)
 
 
-def sample_training_example(rng, size: int = IMAGE_SIZE, p_full: float = 0.5) -> tuple[Image.Image, str, dict]:
+def sample_training_example(rng, size: int = IMAGE_SIZE, p_full: float = 0.5, p_flawed: float = 0.0):
     """(image, caption, row) for pretraining: a random task row, a scene satisfying it, a caption."""
     rng = _rng(rng)
     row = sample_row(rng)
     scene = sample_scene(row, rng, size)
-    return render(scene), training_caption(scene, rng, p_full), row
+    return render(scene), training_caption(scene, rng, p_full, p_flawed), row
 
 
 if __name__ == "__main__":
