@@ -86,8 +86,9 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
         for method in todo:
             objective = control_objective if method == "control" else method
             t = time.perf_counter()
-            evaluate = lambda trainer, r: Q.evaluate(Q.trained_pipeline(trainer, cfg.eval_scheduler), rows, scfg,  # noqa: E731
-                                                     f"{family} seed{seed} {method} round {r}")
+            def evaluate(trainer, r, scfg=scfg, desc=f"{family} seed{seed} {method} round"):
+                return Q.evaluate(Q.trained_pipeline(trainer, cfg.eval_scheduler), rows, scfg, f"{desc} {r}")
+
             records = Q.train_rounds(scfg, base_dir, synth, work, method, objective, control=method == "control",
                                      evaluate_round=evaluate)
             ev, summary = records[-1]["eval"], records[-1]["summary"]

@@ -482,106 +482,11 @@ class PreferenceTrainer:
         return loss.float(), metrics
 
     def precompute_reference(self, start_step: int = 0) -> dict:
-        """Reference errors for every (epoch, group) this process will visit from `start_step` to the end.
+        """Reference errors for every (epoch, group) this process will visit from `start_step` to the end
+        (`diffalign.training.reference_cache`)."""
+        from diffalign.training import reference_cache
 
-        With `reference_errors_path`, errors saved by earlier runs with the same fingerprint are reused
-        (a beta / lr / objective sweep pays for the reference once) and new ones are added to the files.
-        """
-        from tqdm.auto import tqdm
-
-        cfg, acc = self.config, self.accelerator
-        if self.conditioning is not None:
-            raise ValueError("precompute_reference cannot be combined with a conditioning hook (PPD); turn it off")
-        accum = cfg.gradient_accumulation_steps
-        total = (cfg.max_train_steps - start_step) * accum
-        sampler = GroupBatchSampler(len(self.dataset), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
-                                    start=start_step * accum)
-        keyed = KeyedDataset(self.dataset)
-        # One dense (n, k) float32 tensor per epoch touched (NaN = not computed): small even for millions of groups.
-        table: dict[int, torch.Tensor] = self._load_reference_errors() if cfg.reference_errors_path else {}
-        self.reference_passes = 0
-        keys_iter = iter(sampler)
-        for m in tqdm(range(total), desc="reference", disable=not (acc.is_local_main_process and cfg.progress_bar)):
-            keys = next(keys_iter)
-            if all(e in table and not torch.isnan(table[e][i]).any() for e, i in keys):
-                continue
-            batch = collate_keyed([keyed[key] for key in keys])
-            errors = self.reference_errors(batch, start_step * accum + m).float().cpu()
-            self.reference_passes += 1
-            for (epoch, index), row in zip(batch["group_keys"], errors):
-                if epoch not in table:
-                    table[epoch] = torch.full((len(self.dataset), errors.shape[1]), float("nan"))
-                table[epoch][index] = row
-        if cfg.reference_errors_path:
-            self._save_reference_errors(table)
-        return table
-
-    def _reference_fingerprint(self) -> dict:
-        """Everything the reference errors depend on: model, noising options, data, seed, precision."""
-        cfg = self.config
-        keys = ["pretrained_model_name_or_path", "revision", "variant", "model_seed", "family", "pretrained_vae_model_name_or_path",
-                "prediction_type", "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting",
-                "max_sequence_length", "dataset", "dataset_schema", "dataset_split", "latent_cache", "resolution", "crop",
-                "random_flip", "keep_ties", "max_k", "skip_bad_rows", "max_train_samples", "prompt_dropout", "seed",
-                "mixed_precision", "tuning", "attention_backend", "init_lora", "init_lora_merge"]
-        ref = self.reference if self.reference is not None else self.unwrapped
-        checksum = []
-        for name, param in list(ref.named_parameters())[:4]:  # base weights (LoRA adds its own after these)
-            values = param.detach().double()
-            checksum.append([name, round(float(values.sum()), 6), round(float(values.square().sum()), 6)])
-        data = getattr(self.dataset, "fingerprint", None)
-        data = data() if callable(data) else None
-        if data is None and not cfg.dataset and not cfg.latent_cache:
-            raise ValueError("reference_errors_path needs a config-described data set (dataset= or latent_cache=) or one with fingerprint()")
-        return {"version": 1, "config": {k: getattr(cfg, k) for k in keys}, "num_groups": len(self.dataset),
-                "reference_weights": checksum, "data": data}
-
-    def _reference_files(self):
-        import glob as _glob
-
-        return sorted(_glob.glob(os.path.join(self.config.reference_errors_path, "reference_errors.rank*.safetensors")))
-
-    def _load_reference_errors(self) -> dict[int, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        path = self.config.reference_errors_path
-        meta_path = os.path.join(path, "fingerprint.json")
-        table: dict[int, torch.Tensor] = {}
-        if not os.path.isfile(meta_path):
-            return table
-        with open(meta_path, encoding="utf-8") as f:
-            saved = json.load(f)
-        wanted = json.loads(json.dumps(self._reference_fingerprint(), default=str))
-        if saved != wanted:
-            diff = sorted({k for k in set(saved["config"]) | set(wanted["config"]) if saved["config"].get(k) != wanted["config"].get(k)})
-            other = [k for k in ("num_groups", "reference_weights", "data") if saved.get(k) != wanted.get(k)]
-            raise ValueError(
-                f"reference errors in {path} were computed for another setup (differs in {diff + other}); "
-                "use a new reference_errors_path or remove the folder"
-            )
-        for file in self._reference_files():  # every process's file: keys are global (epoch, group)
-            for name, tensor in load_file(file).items():
-                epoch = int(name.split("_", 1)[1])
-                if epoch not in table:
-                    table[epoch] = tensor.clone()
-                else:
-                    fill = torch.isnan(table[epoch])
-                    table[epoch][fill] = tensor[fill]
-        return table
-
-    def _save_reference_errors(self, table: dict[int, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        acc, path = self.accelerator, self.config.reference_errors_path
-        os.makedirs(path, exist_ok=True)
-        out = os.path.join(path, f"reference_errors.rank{acc.process_index}.safetensors")
-        save_file({f"epoch_{e}": t.contiguous() for e, t in table.items()}, out + ".tmp")
-        os.replace(out + ".tmp", out)
-        if acc.is_main_process:
-            with open(os.path.join(path, "fingerprint.json.tmp"), "w", encoding="utf-8") as f:
-                json.dump(self._reference_fingerprint(), f, indent=2, default=str)
-            os.replace(os.path.join(path, "fingerprint.json.tmp"), os.path.join(path, "fingerprint.json"))
-        acc.wait_for_everyone()
+        return reference_cache.precompute_reference(self, start_step)
 
     def optimizer_step(self, batches: list[dict], step: int, micro_step: int) -> dict[str, float]:
         """One optimiser update over `batches` (the gradient-accumulation micro-batches); returns the
