@@ -24,17 +24,13 @@ import torch
 
 from diffalign.objectives import REGISTRY as OBJECTIVE_REGISTRY
 from diffalign.training import checkpoint as ckpt
+from diffalign.training.checkpoint import EMA_STATE_FILE, LORA_STATE_FILE, LOSSES_FILE, SUMMARY_FILE  # noqa: F401 (API)
 from diffalign.training.config import TrainConfig
 from diffalign.training.hooks import ConditioningHook
 from diffalign.training.sampling import GroupBatchSampler, KeyedDataset, collate_keyed, group_seed
 
 logger = logging.getLogger("diffalign.training")
 
-SUMMARY_FILE = "training_summary.json"
-LOSSES_FILE = "losses.jsonl"
-# Not accelerate's register_for_checkpointing: it unpickles custom objects with weights_only=False on resume.
-EMA_STATE_FILE = "ema_state.safetensors"
-LORA_STATE_FILE = "lora_state.safetensors"
 PPD_USERS_FILE = "ppd_users.json"  # the PPD user split (test users and every user's context rows, for evaluation)
 
 
@@ -51,33 +47,6 @@ def lora_metadata(model) -> dict:
     """The adapter's peft LoraConfig as a dict (what diffusers' `_collate_lora_metadata` stores): rank, alpha,
     targets. Without it `load_lora_weights` assumes alpha = rank."""
     return model.peft_config["default"].to_dict()
-
-
-class _RandomStateWatch(logging.Filter):
-    """Catches accelerate's "Could not load random states", which it logs at INFO and otherwise ignores.
-
-    Lowers the logger's level for the duration and filters out again what its old level would have hidden."""
-
-    def __init__(self):
-        super().__init__()
-        self.failed = False
-        self._logger = logging.getLogger("accelerate.checkpointing")
-
-    def filter(self, record):
-        if "Could not load random states" in record.getMessage():
-            self.failed = True
-        return record.levelno >= self._shown
-
-    def __enter__(self):
-        self._level, self._shown = self._logger.level, self._logger.getEffectiveLevel()
-        self._logger.setLevel(logging.INFO)
-        self._logger.addFilter(self)
-        return self
-
-    def __exit__(self, *exc):
-        self._logger.removeFilter(self)
-        self._logger.setLevel(self._level)
-        return False
 
 
 @contextlib.contextmanager
@@ -121,7 +90,7 @@ class PreferenceTrainer:
         if cfg.mixed_precision is None:  # what Accelerator(mixed_precision=None) would take: the launcher's choice
             cfg.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
             cfg.validate()
-        self._check_output_dir()
+        ckpt.check_output_dir(self)
         os.makedirs(cfg.output_dir, exist_ok=True)
         log_with = None if cfg.report_to in ("none", "", None) else cfg.report_to
         if log_with == "tensorboard" and not _tensorboard_installed():
@@ -441,33 +410,42 @@ class PreferenceTrainer:
         return {**inputs, "text": text, "micro": micro, "scores": scores, "b": b, "k": k}
 
     @torch.no_grad()
+    def reference_prediction(self, batch: dict, inputs: dict) -> torch.Tensor:
+        """The frozen reference's prediction on `inputs`: LoRA adapters off, or the frozen copy."""
+        ref_model = self.reference if self.reference is not None else self.unwrapped
+        with self._reference_context(batch), self.accelerator.autocast():
+            return self.adapter.predict(ref_model, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
+
+    @torch.no_grad()
     def reference_errors(self, batch: dict, micro_step: int = 0, inputs: dict | None = None) -> torch.Tensor:
-        """Per-sample errors (B, k) of the frozen reference: LoRA adapters off, or the frozen copy."""
+        """Per-sample errors (B, k) of the frozen reference."""
         from diffalign.kernels import per_sample_error
 
         inputs = inputs if inputs is not None else self.prepare_inputs(batch, micro_step)
-        ref_model = self.reference if self.reference is not None else self.unwrapped
-        with self._reference_context(batch), self.accelerator.autocast():
-            ref_pred = self.adapter.predict(ref_model, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
+        ref_pred = self.reference_prediction(batch, inputs)
         return per_sample_error(ref_pred, inputs["target"], inputs["weight"]).view(inputs["b"], inputs["k"])
 
     def compute_loss(self, batch: dict, micro_step: int) -> tuple[torch.Tensor, dict]:
         """Loss and metrics of one micro-batch. A batch carrying `ref_errors` (precomputed) skips the reference pass."""
-        from diffalign.kernels import per_sample_error
+        from diffalign.kernels import per_sample_error, per_sample_error_pair
         from diffalign.objectives import compute, objective_kwargs
 
         cfg, adapter, acc = self.config, self.adapter, self.accelerator
         inputs = self.prepare_inputs(batch, micro_step)
         b, k = inputs["b"], inputs["k"]
-        err_ref = None
+        err_ref = ref_pred = None
         if self.needs_reference:
             if "ref_errors" in batch:
                 err_ref = batch["ref_errors"].to(self.device, torch.float32)
             else:
-                err_ref = self.reference_errors(batch, micro_step, inputs)
+                ref_pred = self.reference_prediction(batch, inputs)
         with self._policy_context(batch), acc.autocast():
             pred = adapter.predict(self.denoiser, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
-        err_policy = per_sample_error(pred, inputs["target"], inputs["weight"]).view(b, k)
+        if ref_pred is not None:  # both errors in one pass over the target (the fused kernel on CUDA)
+            err_policy, err_ref = per_sample_error_pair(pred, ref_pred, inputs["target"], inputs["weight"])
+            err_policy, err_ref = err_policy.view(b, k), err_ref.view(b, k)
+        else:
+            err_policy = per_sample_error(pred, inputs["target"], inputs["weight"]).view(b, k)
         # A NaN/inf error must stop every process at the same step, before the objective rejects it.
         bad = (~torch.isfinite(err_policy.detach())).any()
         if err_ref is not None:
@@ -540,57 +518,9 @@ class PreferenceTrainer:
             offset += g.numel()
 
     # ------------------------------------------------------------------------------------------
-    def _check_output_dir(self) -> None:
-        """Before any work: a fresh run must not mix into an earlier one; a resume must not change what it computes."""
-        cfg = self.config
-        path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-        if path is not None:
-            changed = ckpt.changed_config(ckpt.read_state(path).get("config", {}), cfg.to_dict())
-            if changed:
-                raise ValueError(
-                    f"resuming {path} with a different config: {'; '.join(changed)}. Restore those values, "
-                    "or start a new output_dir"
-                )
-            return
-        if cfg.resume_from_checkpoint is not None:
-            return  # "latest" before the first checkpoint: the same run starting over (its log is truncated)
-        earlier = ckpt.earlier_run_files(cfg.output_dir, (LOSSES_FILE, SUMMARY_FILE))
-        if earlier and not cfg.overwrite_output_dir:
-            shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
-            raise FileExistsError(
-                f"output_dir {cfg.output_dir} holds an earlier run ({shown}). Continue it with "
-                "resume_from_checkpoint=latest, replace it with overwrite_output_dir=true, or pick another output_dir"
-            )
-        if earlier and int(os.environ.get("RANK", "0")) == 0:  # the global first process deletes, once
-            ckpt.remove_earlier_run(cfg.output_dir, earlier)
-
-    def _resume(self) -> int:
-        cfg, acc = self.config, self.accelerator
-        path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
-        if path is None:
-            if cfg.resume_from_checkpoint == "latest":
-                acc.print(f"resume_from_checkpoint=latest: no checkpoint in {cfg.output_dir} yet, starting from step 0")
-            return 0
-        with _RandomStateWatch() as watch:
-            acc.load_state(path)
-        if watch.failed:
-            name = f"random_states_{acc.process_index}.pkl"
-            message = (f"{path}/{name} is missing or unreadable: this process resumes with fresh Python/NumPy/torch "
-                       "random states (noise and timesteps are seeded per step and stay exact)")
-            logger.warning(message)
-            acc.print(f"warning: {message}")
-        if self.conditioning is not None:
-            self.conditioning.load(path)  # user attention + encoder head (PPD)
-        state = ckpt.read_state(path)
-        if self.ema is not None:
-            from safetensors.torch import load_file
-
-            ema = load_file(os.path.join(path, EMA_STATE_FILE))
-            for i, p in enumerate(self.ema.shadow_params):
-                p.data.copy_(ema[f"shadow.{i}"].to(p.device))
-            self.ema.optimization_step = int(state.get("ema_optimization_step", 0))
-        acc.print(f"resumed from {path} at step {state['global_step']}")
-        return int(state["global_step"])
+    def save_checkpoint(self, step: int, last_loss: float | None = None) -> str | None:
+        """A resumable `checkpoint-<step>` (`diffalign.training.checkpoint.save_checkpoint`)."""
+        return ckpt.save_checkpoint(self, step, last_loss)
 
     def _save_other_components(self, out: str) -> None:
         """model_index.json and every component but the (already saved) denoiser, as `save_pretrained` lays
@@ -600,29 +530,6 @@ class PreferenceTrainer:
         for name, component in pipe.components.items():
             if name != self.adapter.denoiser_attr and hasattr(component, "save_pretrained"):
                 component.save_pretrained(os.path.join(out, name))
-
-    def save_checkpoint(self, step: int, last_loss: float | None = None) -> str | None:
-        cfg, acc = self.config, self.accelerator
-        tmp = ckpt.temporary_dir(cfg.output_dir, step)
-        if acc.is_main_process:
-            ckpt.clean_temporary(cfg.output_dir)
-        acc.wait_for_everyone()
-        acc.save_state(tmp)
-        final = None
-        if acc.is_main_process:
-            if self.conditioning is not None:
-                self.conditioning.save(tmp)
-            state = {"global_step": step, "last_loss": last_loss, "config": cfg.to_dict(), "num_processes": acc.num_processes}
-            if self.ema is not None:
-                from safetensors.torch import save_file
-
-                save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(self.ema.shadow_params)},
-                          os.path.join(tmp, EMA_STATE_FILE))
-                state["ema_optimization_step"] = int(self.ema.optimization_step)
-            final = ckpt.finalize(tmp, cfg.output_dir, step, state)
-            ckpt.prune(cfg.output_dir, cfg.checkpoints_total_limit)
-        acc.wait_for_everyone()
-        return final
 
     def validate(self, step: int) -> str | None:
         """Generate the validation prompts with the current weights; save a grid PNG (main process)."""
@@ -710,7 +617,7 @@ class PreferenceTrainer:
         from tqdm.auto import tqdm
 
         cfg, acc = self.config, self.accelerator
-        start_step = self._resume()
+        start_step = ckpt.resume(self)
         accum = cfg.gradient_accumulation_steps
         sampler = GroupBatchSampler(len(self.dataset), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
                                     start=start_step * accum)
