@@ -374,3 +374,11 @@ def test_toy_rewards_come_from_the_entry_point_group_not_a_hard_coded_list(monke
     monkeypatch.setattr(base, "_plugins_loaded", False)
     with pytest.raises(ImportError, match="reward plugin 'broken' \\(diffalign.no_such_module"):
         rewards.available()
+
+
+def test_wins_counts_ties_as_half_and_needs_matched_items():
+    from diffalign.evaluation.stats import wins
+
+    assert wins([3, 1, 2, 2], [1, 3, 2, 5]).tolist() == [1.0, 0.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="matched"):
+        wins([1, 2], [1, 2, 3])

@@ -14,6 +14,14 @@ def mean_se(x) -> tuple[float, float]:
     return float(x.mean()), se
 
 
+def wins(a, b) -> np.ndarray:
+    """Per matched item: 1 where a > b, 1/2 on a tie, 0 otherwise (the mean is the win rate of a over b)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"wins needs matched items, got shapes {a.shape} and {b.shape}")
+    return (a > b).astype(np.float64) + 0.5 * (a == b)
+
+
 def paired_mean_se(after, before) -> tuple[float, float]:
     """Mean change and its paired standard error, for matched items (same prompt, same noise)."""
     after, before = np.asarray(after, dtype=np.float64), np.asarray(before, dtype=np.float64)

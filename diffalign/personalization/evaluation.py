@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.evaluation.stats import wins
 from diffalign.personalization.encoder import UserEncoder, UserExample, interpolate_users
 from diffalign.personalization.training import SyntheticUser
 
@@ -69,8 +70,7 @@ def win_rates(
             emb = encoder(list(examples[:n]))
             images = _generate(pipe, prompts, seeds, user_embedding=emb, **generate_kwargs)
             scores = judge(images, flat_prompts).float().cpu()
-            wins = (scores > base_scores).float() + 0.5 * (scores == base_scores).float()
-            row[str(n)] = {"win_rate": float(wins.mean()), "mean_score": float(scores.mean()),
+            row[str(n)] = {"win_rate": float(wins(scores.numpy(), base_scores.numpy()).mean()), "mean_score": float(scores.mean()),
                            "base_mean_score": float(base_scores.mean())}
         table["users"][name] = row
     table["mean_win_rate"] = {

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffalign.evaluation.stats import wins
+
 
 class ImageFiles(Sequence):
     """Image files, decoded only when a reward asks for them (a batch at a time): a folder is never held in
@@ -97,9 +99,8 @@ def win_rates(scores_a: dict, scores_b: dict) -> dict:
         a, b = np.asarray(scores_a[rid]), np.asarray(scores_b[rid])
         if a.shape != b.shape:
             raise ValueError(f"reward {rid!r}: {len(a)} scores for A but {len(b)} for B; compare matched sets")
-        wins, losses = int((a > b).sum()), int((a < b).sum())
-        ties = len(a) - wins - losses
-        out[rid] = {"win_rate": (wins + 0.5 * ties) / len(a), "wins": wins, "losses": losses, "ties": ties,
+        won, lost = int((a > b).sum()), int((a < b).sum())
+        out[rid] = {"win_rate": float(wins(a, b).mean()), "wins": won, "losses": lost, "ties": len(a) - won - lost,
                     "n": len(a)}
     return out
 

@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffalign.evaluation.stats import mean_se  # noqa: E402
+from diffalign.evaluation.stats import mean_se, wins  # noqa: E402
 from diffalign.personalization.encoder import UserEncoder, UserExample, interpolate_users  # noqa: E402
 from diffalign.toyworld.scenes import IMAGE_SIZE  # noqa: E402
 
@@ -475,12 +475,6 @@ def make_encoder(cfg: ToyWorldPPDConfig):
 # ------------------------------------------------------------------------------------------------
 # Statistics
 # ------------------------------------------------------------------------------------------------
-
-
-def wins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """1 where a > b, 1/2 on ties, 0 otherwise."""
-    a, b = np.asarray(a), np.asarray(b)
-    return (a > b).astype(np.float64) + 0.5 * (a == b)
 
 
 def monotone_within_noise(means: list[float], diffs_se: list[float], increasing: bool, k: float = 2.0) -> bool:
