@@ -70,7 +70,8 @@ class TrainConfig:
     max_train_samples: int | None = option(None, "use only the first N groups")
     dataloader_num_workers: int = option(0, "DataLoader worker processes")
     prompt_dropout: float = option(0.0, "probability of training on the empty prompt (classifier-free guidance)")
-    precompute_reference: bool = option(False, "Run the frozen reference over the run's batches once, before training, and reuse its errors (as TRL's precompute_ref_log_probs): the training step then runs only the policy. Exact: noise, timestep and dropout of a group depend only on (seed, epoch, group index).")
+    precompute_reference: bool = option(False, "Run the frozen reference over the run's batches once, before training, and reuse its errors (as TRL's precompute_ref_log_probs): the training step then runs only the policy. The same errors as the inline pass (to float rounding): noise, timestep and dropout of a group depend only on (seed, epoch, group index).")
+    precompute_reference_batch_size: int | None = option(None, "Groups per forward of the reference pre-pass (no gradients, so more than a training step holds; as TRL's precompute_ref_batch_size). None = 4 x train_batch_size.")
     reference_errors_path: str | None = option(None, "Folder to keep the precomputed reference errors in: later runs with the same model, data, seed and noising options (e.g. a beta or learning-rate sweep) reuse them instead of recomputing.")
 
     # --- tuning ----------------------------------------------------------------------------
@@ -192,6 +193,8 @@ class TrainConfig:
         for name in ("learning_rate", "max_grad_norm", "beta"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if self.precompute_reference_batch_size is not None and self.precompute_reference_batch_size < 1:
+            raise ValueError(f"precompute_reference_batch_size must be >= 1, got {self.precompute_reference_batch_size}")
         if self.reference_errors_path and not self.precompute_reference:
             raise ValueError("reference_errors_path needs precompute_reference=true")
         choice("ppd_encoder", PPD_ENCODERS)

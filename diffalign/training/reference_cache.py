@@ -35,14 +35,21 @@ def precompute_reference(trainer, start_step: int = 0) -> dict:
     keyed = KeyedDataset(trainer.dataset)
     # One dense (n, k) float32 tensor per epoch touched (NaN = not computed): small even for millions of groups.
     table: dict[int, torch.Tensor] = load_errors(trainer) if cfg.reference_errors_path else {}
-    trainer.reference_passes = 0
+    todo, seen = [], set()  # the groups still to compute, in visiting order
     keys_iter = iter(sampler)
-    for m in tqdm(range(total), desc="reference", disable=not (acc.is_local_main_process and cfg.progress_bar)):
-        keys = next(keys_iter)
-        if all(e in table and not torch.isnan(table[e][i]).any() for e, i in keys):
-            continue
-        batch = collate_keyed([keyed[key] for key in keys])
-        errors = trainer.reference_errors(batch, start_step * accum + m).float().cpu()
+    for _ in range(total):
+        for epoch, index in next(keys_iter):
+            if (epoch, index) not in seen and not (epoch in table and not torch.isnan(table[epoch][index]).any()):
+                seen.add((epoch, index))
+                todo.append((epoch, index))
+    # Every draw of a group is seeded by its key, so the errors do not depend on which groups share a forward:
+    # without gradients the pre-pass batches more groups than a training step holds.
+    chunk = cfg.precompute_reference_batch_size or 4 * cfg.train_batch_size
+    trainer.reference_passes, trainer.reference_groups = 0, len(todo)
+    starts = range(0, len(todo), chunk)
+    for start in tqdm(starts, desc="reference", disable=not (acc.is_local_main_process and cfg.progress_bar)):
+        batch = collate_keyed([keyed[key] for key in todo[start : start + chunk]])
+        errors = trainer.reference_errors(batch).float().cpu()
         trainer.reference_passes += 1
         for (epoch, index), row in zip(batch["group_keys"], errors):
             if epoch not in table:
