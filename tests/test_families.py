@@ -244,3 +244,16 @@ def test_one_pipeline_loader_knows_tiny_specs_with_a_seed():
     for bad in ("tiny:flux", "tiny:sdxl:x", "tiny:sdxl:1:2"):
         with pytest.raises(ValueError, match="unknown tiny model"):
             load_pipeline(bad)
+
+
+def test_families_own_their_tiny_models_and_denoiser_name():
+    from diffalign.families import get_family, load_pipeline, pipeline_denoiser, tiny_kinds
+
+    assert {k: c.name for k, c in tiny_kinds().items()} == {"sdxl": "sdxl", "sd3": "sd3", "sd3-t5": "sd3"}
+    sdxl, sd3 = load_pipeline("tiny:sdxl"), load_pipeline("tiny:sd3")
+    assert pipeline_denoiser(sdxl) is sdxl.unet and pipeline_denoiser(sd3) is sd3.transformer
+    assert sd3.text_encoder_3 is None and load_pipeline("tiny:sd3-t5").text_encoder_3 is not None
+    with pytest.raises(NotImplementedError, match="sd15"):
+        get_family("sd15").tiny_pipeline("sd15", 0)
+    with pytest.raises(ValueError, match="tiny:sd3, tiny:sd3-t5, tiny:sdxl"):
+        load_pipeline("tiny:flux")

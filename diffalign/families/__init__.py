@@ -48,20 +48,29 @@ def family_of_pipeline(pipe) -> str:
     raise ValueError(f"no family adapter for pipeline class {cls_name}; set `family` to one of {available_families()}")
 
 
+def tiny_kinds() -> dict[str, type]:
+    """`tiny:<kind>` -> the family class that builds it."""
+    return {kind: cls for cls in _REGISTRY.values() for kind in cls.tiny_kinds}
+
+
+def pipeline_denoiser(pipe):
+    """A pipeline's denoiser (its UNet or transformer), by the family of its class."""
+    return getattr(pipe, get_family(family_of_pipeline(pipe)).denoiser_attr)
+
+
 def load_pipeline(model: str, seed: int = 0, torch_dtype=None, revision: str | None = None, variant: str | None = None,
                   use_safetensors: bool | None = None):
     """The one pipeline loader: `tiny:sdxl` / `tiny:sd3` / `tiny:sd3-t5` (offline, random weights; an optional
     `:SEED` suffix overrides `seed`), or a Hub id / local diffusers folder (components its model_index.json lists
     as null, such as SD3 saved without T5, are passed as None)."""
     if model.startswith("tiny:"):
-        from diffalign import testing
-
         parts = model.split(":")
-        kind = parts[1]
-        if kind not in ("sdxl", "sd3", "sd3-t5") or len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
-            raise ValueError(f"unknown tiny model {model!r}; use tiny:sdxl, tiny:sd3 or tiny:sd3-t5, optionally with :SEED")
+        kinds = tiny_kinds()
+        if parts[1] not in kinds or len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
+            raise ValueError(f"unknown tiny model {model!r}; use " + ", ".join(f"tiny:{k}" for k in sorted(kinds))
+                             + ", optionally with :SEED")
         seed = int(parts[2]) if len(parts) == 3 else seed
-        pipe = testing.tiny_sdxl_pipeline(seed) if kind == "sdxl" else testing.tiny_sd3_pipeline(seed, with_t5=kind == "sd3-t5")
+        pipe = kinds[parts[1]].tiny_pipeline(parts[1], seed)
         return pipe.to(torch_dtype) if torch_dtype is not None else pipe
     from diffusers import DiffusionPipeline
 

@@ -18,6 +18,12 @@ class FamilyAdapter:
     denoiser_attr: str = ""  # "unet" or "transformer"
     lora_target_modules: list[str] = []
     options: tuple[str, ...] = ()  # the family's keyword options; the other constructor arguments are components
+    tiny_kinds: tuple[str, ...] = ()  # the offline `tiny:<kind>` models this family builds (`tiny_pipeline`)
+
+    @classmethod
+    def tiny_pipeline(cls, kind: str, seed: int):
+        """An offline pipeline with tiny random weights (`tiny:<kind>[:seed]`), for tests and smoke runs."""
+        raise NotImplementedError(f"family {cls.name!r} builds no tiny pipeline")
 
     @classmethod
     def from_pipeline(cls, pipe, **options):

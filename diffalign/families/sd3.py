@@ -45,6 +45,13 @@ class SD3Family(FamilyAdapter):
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     ]
     options = ("timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting", "max_sequence_length")
+    tiny_kinds = ("sd3", "sd3-t5")  # sd3: without T5 (zeros in its place); sd3-t5: with a tiny T5
+
+    @classmethod
+    def tiny_pipeline(cls, kind: str, seed: int):
+        from diffalign.testing import tiny_sd3_pipeline
+
+        return tiny_sd3_pipeline(seed, with_t5=kind == "sd3-t5")
 
     def __init__(
         self,

@@ -39,6 +39,15 @@ class SDXLFamily(FamilyAdapter):
     # The attention projections, as in the diffusers DPO / LoRA examples.
     lora_target_modules = ["to_k", "to_q", "to_v", "to_out.0"]
     options = ("prediction_type",)
+    tiny_kinds = ("sdxl",)
+
+    @classmethod
+    def tiny_pipeline(cls, kind: str, seed: int):
+        if kind not in cls.tiny_kinds:  # SD1.5 inherits this method, not the kind
+            return super().tiny_pipeline(kind, seed)
+        from diffalign.testing import tiny_sdxl_pipeline
+
+        return tiny_sdxl_pipeline(seed)
 
     def __init__(
         self,
@@ -172,6 +181,7 @@ class SD15Family(SDXLFamily):
 
     name = "sd15"
     pipeline_class_name = "StableDiffusionPipeline"
+    tiny_kinds = ()
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, prediction_type=None):
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, prediction_type=prediction_type)

@@ -437,7 +437,9 @@ def fast_sd3_kwargs(pipe) -> dict:
 
 def latent_shape(pipe, image_size: int = IMAGE_SIZE) -> tuple[int, int, int]:
     """(C, h, w) of the initial noise the pipeline draws for `image_size` images."""
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    from diffalign.families import pipeline_denoiser
+
+    denoiser = pipeline_denoiser(pipe)
     side = image_size // pipe.vae_scale_factor
     return (denoiser.config.in_channels, side, side)
 
