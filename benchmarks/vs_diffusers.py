@@ -214,7 +214,6 @@ def ours_config(model: str, data: str, hf_cache: str, resolution: int, report_to
         "crop": "center",
         "random_flip": False,
         "objective": "dpo",
-        "loss_type": "sigmoid",
         "beta": 5000.0,
         "tuning": "lora",
         "lora_rank": 8,

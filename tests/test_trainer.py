@@ -660,3 +660,23 @@ def test_init_lora_continues_or_merges_an_earlier_lora(tmp_path, family):
         PreferenceTrainer(tiny(tmp_path, "missing", init_lora=str(tmp_path / "nothing"), **kw))
     with pytest.raises(ValueError, match="needs init_lora"):
         tiny(tmp_path, "x", init_lora_merge=True)
+
+
+def test_lora_reference_is_the_base_and_adapters_come_back(tmp_path):
+    from diffalign.data.synthetic import SyntheticPreferenceDataset
+    from diffalign.testing import tiny_sdxl_pipeline
+    from diffalign.training.sampling import collate_keyed
+
+    trainer = PreferenceTrainer(tiny(tmp_path, learning_rate=5e-2, max_train_steps=2))
+    trainer.train()
+    data = SyntheticPreferenceDataset(4, resolution=64)
+    batch = collate_keyed([{**data[i], "group_key": (0, i)} for i in range(2)])
+    inputs = trainer.prepare_inputs(batch)
+    base_unet = tiny_sdxl_pipeline(trainer.config.model_seed).unet
+    ref = trainer.reference_prediction(batch, inputs)
+    with torch.no_grad():
+        base = trainer.adapter.predict(base_unet, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
+        policy = trainer.adapter.predict(trainer.unwrapped, inputs["x_t"], inputs["timesteps"], inputs["text"], inputs["micro"])
+    torch.testing.assert_close(ref, base, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(policy, base, atol=1e-4)  # the adapters are back on after the reference pass ...
+    assert all(p.requires_grad for n, p in trainer.unwrapped.named_parameters() if "lora_" in n)  # ... and train

@@ -50,13 +50,22 @@ def lora_metadata(model) -> dict:
 
 
 @contextlib.contextmanager
-def adapters_disabled(model):
-    """The LoRA reference: the same weights with the peft adapters switched off."""
-    model.disable_adapters()
+def adapters_disabled(model, layers: list | None = None):
+    """The LoRA reference: the same weights with the peft adapters switched off. `layers`, the model's peft tuner
+    layers listed once, saves walking every module twice a step (what `disable_adapters` does)."""
+    if layers is None:
+        model.disable_adapters()
+    else:
+        for layer in layers:
+            layer.enable_adapters(False)
     try:
         yield
     finally:
-        model.enable_adapters()
+        if layers is None:
+            model.enable_adapters()
+        else:
+            for layer in layers:
+                layer.enable_adapters(True)
 
 
 def _tensorboard_installed() -> bool:
@@ -238,6 +247,7 @@ class PreferenceTrainer:
                 ) from e
             denoiser.enable_xformers_memory_efficient_attention()
         self.reference = None
+        self._tuner_layers = None  # listed on the first reference pass
         if cfg.tuning == "lora":
             from peft import LoraConfig
 
@@ -353,7 +363,11 @@ class PreferenceTrainer:
         if self.reference is not None:  # tuning=full: a separate frozen copy, already the plain base
             return stack
         if self.config.tuning == "lora":
-            stack.enter_context(adapters_disabled(self.unwrapped))
+            if self._tuner_layers is None:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+
+                self._tuner_layers = [m for m in self.unwrapped.modules() if isinstance(m, BaseTunerLayer)]
+            stack.enter_context(adapters_disabled(self.unwrapped, self._tuner_layers))
         if self.conditioning is not None:
             stack.enter_context(self.conditioning.reference_context(self.unwrapped, batch))
         return stack
