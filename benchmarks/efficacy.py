@@ -67,7 +67,7 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
     key = Q.eval_cache_key(cfg, len(rows), digest)
     t = time.perf_counter()
     base_eval = Q._cached_eval(os.path.join(work, f"eval-base-{digest}.json"), key,
-                               lambda: Q.evaluate(Q.load_base_pipeline(family, base_dir, cfg.eval_scheduler), rows, fcfg, f"{family} base"))
+                               lambda: Q.evaluate(Q.load_base_pipeline(family, base_dir, fcfg.eval_sampler), rows, fcfg, f"{family} base"))
     fam["base"] = base_eval["summary"]
     fam["base_correct"] = base_eval["correct"]
     fam.setdefault("seconds", {})["eval_base"] = time.perf_counter() - t
@@ -87,7 +87,7 @@ def run_family(family: str, base: str | None, seeds: list[int], methods: list[st
             objective = control_objective if method == "control" else method
             t = time.perf_counter()
             def evaluate(trainer, r, scfg=scfg, desc=f"{family} seed{seed} {method} round"):
-                return Q.evaluate(Q.trained_pipeline(trainer, cfg.eval_scheduler), rows, scfg, f"{desc} {r}")
+                return Q.evaluate(Q.trained_pipeline(trainer, scfg.eval_sampler), rows, scfg, f"{desc} {r}")
 
             records = Q.train_rounds(scfg, base_dir, synth, work, method, objective, control=method == "control",
                                      evaluate_round=evaluate)
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--reward", action="append", dest="rewards", default=None, metavar="SPEC",
                    help="reward specs for synth, as in the quickstart (default: toy_geneval_graded alone)")
     p.add_argument("--synth_scheduler", default=d.synth_scheduler, help="diffusers scheduler class for synth (default: the checkpoint's)")
-    p.add_argument("--eval_scheduler", default=d.eval_scheduler, help="diffusers scheduler class for evaluation ('none' = the checkpoint's)")
+    p.add_argument("--eval_scheduler", default=d.eval_scheduler, help="diffusers scheduler class for evaluation ('none' = the checkpoint's; 'auto' = the family's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)

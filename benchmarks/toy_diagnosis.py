@@ -179,7 +179,7 @@ def train_sft(base: str, dataset, out_dir: str, learning_rate: float | None = No
     trainer = PreferenceTrainer(tcfg, train_dataset=dataset)
     summary = trainer.train()
     wall = time.perf_counter() - t0
-    pipe = Q.trained_pipeline(trainer, cfg.eval_scheduler)
+    pipe = Q.trained_pipeline(trainer, cfg.eval_sampler)
     return pipe, {"wall_s": wall, "final_loss": summary.get("final_loss"), "mean_loss_last_10": summary.get("mean_loss_last_10"),
                   "steps": summary.get("global_step"), "learning_rate": tcfg.learning_rate}
 
@@ -451,7 +451,7 @@ def arm_cont(args, name: str, rows: list[dict]) -> dict:
     with open(os.path.join(state, "log.jsonl"), encoding="utf-8") as f:
         log = [json.loads(line) for line in f if line.strip()]
     losses = [r for r in log if r.get("stage") == "sdxl"]
-    pipe = Q.load_base_pipeline("sdxl", model, Q.QuickstartConfig().eval_scheduler)
+    pipe = Q.load_base_pipeline("sdxl", model, Q.QuickstartConfig().eval_sampler)
     train = {"wall_s": wall, "images": args.cont_steps * 64, "images_per_s": args.cont_steps * 64 / wall if wall > 60 else None,
              "command": " ".join(cmd[1:]), "loss_curve": [(r["step"], r["loss"]) for r in losses]}
     return {"train": train, **evaluate_pipe(pipe, rows)}
@@ -459,7 +459,7 @@ def arm_cont(args, name: str, rows: list[dict]) -> dict:
 
 def run_arm(args, name: str, rows: list[dict]) -> dict:
     if name == "base":
-        pipe = Q.load_base_pipeline("sdxl", args.base, Q.QuickstartConfig().eval_scheduler)
+        pipe = Q.load_base_pipeline("sdxl", args.base, Q.QuickstartConfig().eval_sampler)
         return evaluate_pipe(pipe, rows)
     if name == "text":
         pipe = Q.load_base_pipeline("sdxl", args.base)

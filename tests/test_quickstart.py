@@ -248,3 +248,9 @@ def test_rounds_generate_from_the_last_policy(toy_run, tmp_path, reference):
     assert exported.keys() == fused.keys() and all(torch.allclose(exported[k], fused[k], atol=1e-6) for k in exported)
     assert res["rounds"][1]["method_vs_control"]["overall"] == pytest.approx(
         res["rounds"][1]["aligned"]["summary"]["overall"] - res["rounds"][1]["control"]["summary"]["overall"])
+
+
+def test_evaluation_sampler_is_the_familys():
+    assert Q.QuickstartConfig().eval_sampler == "DPMSolverMultistepScheduler"
+    assert Q.QuickstartConfig(family="sd3").eval_sampler is None  # its own flow-matching Euler
+    assert Q.QuickstartConfig(family="sd3", eval_scheduler="FlowMatchEulerDiscreteScheduler").eval_sampler == "FlowMatchEulerDiscreteScheduler"

@@ -412,3 +412,12 @@ def test_generator_lora_key_generates_from_a_trained_policy(tmp_path):
     assert np.abs(np.asarray(fused, dtype=float) - np.asarray(base, dtype=float)).max() > 8
     with pytest.raises(FileNotFoundError, match="lora"):
         load_pipeline(GeneratorSpec.parse(f"tiny:sdxl:1,lora={tmp_path / 'none'}"), "cpu")
+
+
+def test_a_flow_matching_pipeline_refuses_a_non_flow_scheduler():
+    from diffalign.synth import load_pipeline
+
+    with pytest.raises(ValueError, match="does not sample a flow-matching pipeline"):
+        load_pipeline(GeneratorSpec.parse("tiny:sd3:0,scheduler=DPMSolverMultistepScheduler"), "cpu")
+    pipe = load_pipeline(GeneratorSpec.parse("tiny:sd3:0,scheduler=FlowMatchEulerDiscreteScheduler"), "cpu")
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"

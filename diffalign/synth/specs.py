@@ -141,6 +141,10 @@ def swap_scheduler(pipe, name: str | None):
     cls = getattr(diffusers, name, None)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
         raise ValueError(f"scheduler {name!r} is not a diffusers scheduler class (e.g. DPMSolverMultistepScheduler, EulerDiscreteScheduler)")
+    own = type(pipe.scheduler).__name__
+    if own.startswith("FlowMatch") and not name.startswith("FlowMatch"):
+        raise ValueError(f"scheduler {name!r} does not sample a flow-matching pipeline (its own: {own}); built from "
+                         "its config it follows another noise process. Keep the pipeline's scheduler or pick a FlowMatch* one")
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
     return pipe
 

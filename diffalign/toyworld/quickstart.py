@@ -44,6 +44,8 @@ from diffalign.toyworld.scenes import IMAGE_SIZE  # noqa: E402
 METHODS = ("rankdpo", "dpo", "sft", "ppd")
 FAMILIES = ("sdxl", "sd3")
 ROUND_REFERENCES = ("base", "previous")
+# A DPM-Solver++ built from a flow-matching config samples another process (toy-sd3: 0.35 -> 0.10 toy-GenEval).
+EVAL_SCHEDULERS = {"sdxl": "DPMSolverMultistepScheduler", "sd3": None}
 # Noise seeds of the evaluation images; synth seeds live far below, so no training image shares noise with them.
 EVAL_SEED = 10_000_000
 
@@ -82,15 +84,21 @@ class QuickstartConfig:
     # 3. evaluation
     eval_per_task: int = 60
     num_inference_steps: int = 10
-    # DPM-Solver++ at 10 steps matches Euler at 20 on toy-GenEval (0.375 vs 0.381 on the 360 quickstart images,
-    # same noise) at half the cost.
-    eval_scheduler: str | None = "DPMSolverMultistepScheduler"
+    # "auto" = the family's (EVAL_SCHEDULERS): for toy-sdxl DPM-Solver++ at 10 steps, which matches Euler at 20 on
+    # toy-GenEval (0.375 vs 0.381 on the 360 quickstart images, same noise) at half the cost; for toy-sd3 its own
+    # flow-matching Euler. None = the checkpoint's own.
+    eval_scheduler: str | None = "auto"
     guidance_scale: float = 5.0  # the shipped toy-sdxl's recommended scale
     eval_batch_size: int = 60
     grid_per_task: int = 2
     # machinery
     threads: int | None = None
     progress: bool = True
+
+    @property
+    def eval_sampler(self) -> str | None:
+        """The scheduler class the evaluation uses (`eval_scheduler`, with "auto" resolved for the family)."""
+        return EVAL_SCHEDULERS[self.family] if self.eval_scheduler == "auto" else self.eval_scheduler
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -521,7 +529,7 @@ class _Clock:
 def eval_cache_key(cfg: QuickstartConfig, num_images: int, digest: str) -> dict:
     """What a base evaluation depends on: a stored one with the same key is reused."""
     return {"n": num_images, "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "seed": EVAL_SEED,
-            "scheduler": cfg.eval_scheduler, "model": digest}
+            "scheduler": cfg.eval_sampler, "model": digest}
 
 
 def _cached_eval(path: str, key: dict, make) -> dict:
@@ -580,7 +588,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     # Base evaluation (reused when the same checkpoint was evaluated with the same settings).
     evals: dict[str, dict] = {}
     with clock("eval_base"):
-        pipe = load_base_pipeline(cfg.family, base_dir, cfg.eval_scheduler)
+        pipe = load_base_pipeline(cfg.family, base_dir, cfg.eval_sampler)
         base = _cached_eval(os.path.join(out, f"eval-base-{digest}.json"), eval_cache_key(cfg, len(rows), digest),
                             lambda: evaluate(pipe, rows, cfg, "eval base", show))
         if "images" not in base:  # cached verdicts: regenerate just the grid prompts (same seeds, same images)
@@ -605,7 +613,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         def evaluate_round(trainer, r, name=name):
             suffix = "" if r == 1 else f"_round{r}"
             with clock(f"eval_{name}{suffix}"):
-                return evaluate(trained_pipeline(trainer, cfg.eval_scheduler), rows, cfg, f"eval {name}{suffix}", show)
+                return evaluate(trained_pipeline(trainer, cfg.eval_sampler), rows, cfg, f"eval {name}{suffix}", show)
 
         records = train_rounds(cfg, base_dir, synth, out, tag, cfg.method, control, evaluate_round, clock, label=name)
         summary = records[-1]["summary"]
@@ -681,7 +689,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synth_scheduler", default=d.synth_scheduler,
                    help="diffusers scheduler class for the Syn-Pic generators (default: the checkpoint's own)")
     p.add_argument("--eval_scheduler", default=d.eval_scheduler,
-                   help="diffusers scheduler class for toy-GenEval ('none' = the checkpoint's own)")
+                   help="diffusers scheduler class for toy-GenEval ('none' = the checkpoint's own; 'auto' = toy-sdxl "
+                        "DPM-Solver++, toy-sd3 its own flow-matching Euler)")
     p.add_argument("--tuning", choices=["lora", "full"], default=d.tuning)
     p.add_argument("--lora_rank", type=int, default=d.lora_rank)
     p.add_argument("--train_steps", type=int, default=d.train_steps)
