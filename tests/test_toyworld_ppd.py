@@ -101,7 +101,7 @@ def test_sft_weight_reaches_the_trainer(tmp_path):
 def test_generate_passes_the_scaled_user_branch_to_the_pipeline():
     seen = []
 
-    class FakePipe:
+    class FakeStableDiffusionXLPipeline:  # families are told by pipeline class name
         vae_scale_factor = 4  # the initial noise follows the pipeline's latent geometry
         unet = type("Unet", (), {"config": type("Config", (), {"in_channels": 4})})()
 
@@ -111,13 +111,13 @@ def test_generate_passes_the_scaled_user_branch_to_the_pipeline():
 
     cfg = T.ToyWorldPPDConfig(user_scale=0.5, eval_user_scale=3.0, generate_batch_size=2, progress=False)
     emb = torch.zeros(1, cfg.num_tokens, cfg.encoder_dim)
-    T.generate(FakePipe(), ["a photo of a ring"] * 3, [1, 2, 3], cfg, user_embedding=emb)
+    T.generate(FakeStableDiffusionXLPipeline(), ["a photo of a ring"] * 3, [1, 2, 3], cfg, user_embedding=emb)
     assert len(seen) == 2 and all(kw["user_scale"] == 1.5 and kw["user_embedding"] is emb for kw in seen)
     assert tuple(seen[0]["latents"].shape) == (2, 4, 16, 16)
-    T.generate(FakePipe(), ["a photo of a ring"], [1], cfg)  # the base: no user branch at all
+    T.generate(FakeStableDiffusionXLPipeline(), ["a photo of a ring"], [1], cfg)  # the base: no user branch at all
     assert "user_scale" not in seen[-1] and "user_embedding" not in seen[-1]
     negative = torch.ones(1, cfg.num_tokens, cfg.encoder_dim)
-    T.generate(FakePipe(), ["a photo of a ring"], [1], cfg, user_embedding=emb, negative_embedding=negative)
+    T.generate(FakeStableDiffusionXLPipeline(), ["a photo of a ring"], [1], cfg, user_embedding=emb, negative_embedding=negative)
     assert seen[-1]["negative_user_embedding"] is negative
 
 
